@@ -1,0 +1,70 @@
+"""The built-in offline world and tiny model: created on first use and cached under $MMCL_HOME (~/.cache/mmcl)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mmcl.config import ConfigError, DataConfig, ModelConfig
+from mmcl.data.records import Stream, load_stream
+
+WORLD_SEED = 0
+
+
+def mmcl_home() -> Path:
+    return Path(os.environ.get("MMCL_HOME", "~/.cache/mmcl")).expanduser()
+
+
+def builtin_world(*, progress: bool = True, log=print) -> Path:
+    """The default world directory, synthesized (deterministically, seed 0) if it does not exist yet."""
+    from mmcl.data.synth import write_world
+
+    path = mmcl_home() / f"world-seed{WORLD_SEED}"
+    if not (path / "world.json").exists():
+        log(f"writing the built-in world to {path} (once)")
+        write_world(path, seed=WORLD_SEED, progress=progress)
+    return path
+
+
+def builtin_model(*, progress: bool = True, log=print) -> Path:
+    """The tiny base model directory, pre-trained on the built-in world if it is not cached yet (~2 min on a CPU)."""
+    from mmcl.pretrain import pretrain
+
+    path = mmcl_home() / "models" / "tiny"
+    if not (path / "mmcl_model.json").exists():
+        log(f"pre-training the tiny base model into {path} (once, about two minutes on a CPU)")
+        pretrain(builtin_world(progress=progress, log=log), path, progress=progress, log=log)
+    return path
+
+
+def resolve_stream(cfg: DataConfig, *, progress: bool = True, log=print) -> Stream:
+    if cfg.stream.startswith("builtin:"):
+        name = cfg.stream.split(":", 1)[1]
+        world = builtin_world(progress=progress, log=log)
+        path = world / "streams" / f"{name}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in (world / "streams").glob("*.yaml"))
+            raise ConfigError(f"data.stream: no built-in stream {name!r}; known: {', '.join('builtin:' + k for k in known)}")
+        return load_stream(path, order=cfg.order)
+    path = Path(cfg.stream)
+    if path.is_dir() and (path / "world.json").exists():
+        raise ConfigError(f"data.stream: {path} is a world directory; name one of its stream files, e.g. {path}/streams/image.yaml")
+    if not path.exists():
+        raise ConfigError(f"data.stream: {path} not found (a stream YAML file, or builtin:image)")
+    return load_stream(path, order=cfg.order)
+
+
+def resolve_model(cfg: ModelConfig, *, run_dir: Path | None = None, progress: bool = True, log=print):
+    """Load the model named by the config; refuses a run directory inside the model's own directory."""
+    import torch
+
+    from mmcl.models.builder import load_model
+
+    path = builtin_model(progress=progress, log=log) if cfg.path == "tiny" else Path(cfg.path)
+    if run_dir is not None and Path(run_dir).resolve().is_relative_to(path.resolve()):
+        raise ConfigError(
+            f"output_dir {run_dir} is inside the base model's directory {path}; choose an output directory elsewhere "
+            "so the base model's files are never modified"
+        )
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    return load_model(path, dtype=dtype, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)

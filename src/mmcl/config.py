@@ -1,0 +1,346 @@
+"""The run configuration: typed dataclasses, loaded from a YAML recipe plus `key=value` overrides, validated before
+anything runs, and saved fully resolved into the run directory.
+
+    mmcl run configs/image/sequential.yaml train.lr=3e-4 strategies=[lora,soft_targets] strategies.lora.r=16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"
+    """`tiny` (the built-in model, pre-trained by `mmcl pretrain` and cached) or a local model directory: an mmcl
+    model directory or a Hugging Face LLaVA checkpoint."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights' dtype. bfloat16 pays off from ~5M parameters up (and on GPUs)."""
+    train: list[str] = field(default_factory=lambda: ["projectors", "language_model"])
+    """Parts trained by default: any of encoders, projectors, language_model (LLaVA keeps encoders frozen)."""
+    allow_pickle: bool = False
+    """Allow loading pickle (.bin/.pt) weights. Pickles can run code: only for files you trust."""
+    trust_remote_code: bool = False
+    """Allow a checkpoint's own Python code to run (Hugging Face `trust_remote_code`)."""
+
+
+@dataclass
+class DataConfig:
+    stream: str = "builtin:image"
+    """A stream file (YAML), or `builtin:<name>` for a stream of the built-in world (synthesized on first use)."""
+    order: list[str] | None = None
+    """Train tasks in this order (a permutation of the stream's task names), for task-order studies."""
+    train_limit: int | None = None
+    """Use only the first N training records of each task."""
+    test_limit: int | None = None
+    """Evaluate on only the first N test records of each task."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """`error`: stop before training and list every bad record. `skip`: leave them out, list them in skipped.jsonl."""
+    max_bad_fraction: float = 0.05
+    """With on_bad_record=skip, abort if more than this fraction of a split's records is bad."""
+    allow_outside_root: bool = False
+    """Allow media paths outside the task's data root (absolute paths, `..`, symlinks out). Off: data can't reach
+    files it should not."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    """Passes over each task's training data."""
+    max_steps: int | None = None
+    """Cap on optimizer steps per task (after epochs)."""
+    batch_size: int = 16
+    """Global batch size (per step, over all processes and accumulation steps)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the global batch stays `batch_size`."""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
+    precision: Literal["no", "bf16"] = "no"
+    """Mixed precision through Accelerate."""
+    on_nonfinite: Literal["raise", "skip"] = "raise"
+    """A NaN/inf loss: `raise` stops before the optimizer step; `skip` drops the step."""
+    max_consecutive_skips: int = 5
+    """With on_nonfinite=skip, abort after this many non-finite steps in a row."""
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    max_new_tokens: int | None = None
+    """Override every task's generation budget."""
+    retention: bool = True
+    """Evaluate the stream's retention (language-only) tasks at every row."""
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 2
+    """Task-boundary checkpoints to keep (0 keeps all). The latest complete one is never pruned."""
+
+
+@dataclass
+class StrategySpec:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; the default output directory is runs/<name>."""
+    output_dir: str | None = None
+    seed: int = 0
+    """Seed for everything random (initialisation of new parameters, data order, dropout): 0 <= seed < 2**32."""
+    strategies: list[StrategySpec] = field(default_factory=lambda: [StrategySpec("sequential")])
+    """Continual-learning strategies, composed in order: e.g. [lora, soft_targets, rehearsal]."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def validate(self) -> RunConfig:
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed: {self.seed} is out of range; use an integer with 0 <= seed < 2**32")
+        for key, value in (("train.batch_size", self.train.batch_size), ("train.epochs", self.train.epochs),
+                           ("train.grad_accum", self.train.grad_accum), ("eval.batch_size", self.eval.batch_size)):
+            if value < 1:
+                raise ConfigError(f"{key}: {value} must be >= 1")
+        if self.train.batch_size % self.train.grad_accum:
+            raise ConfigError(
+                f"train.batch_size ({self.train.batch_size}) must be divisible by train.grad_accum "
+                f"({self.train.grad_accum})"
+            )
+        if self.train.lr <= 0:
+            raise ConfigError(f"train.lr: {self.train.lr} must be > 0")
+        if not 0 <= self.data.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction: {self.data.max_bad_fraction} must be within [0, 1]")
+        bad_parts = set(self.model.train) - {"encoders", "projectors", "language_model"}
+        if bad_parts:
+            raise ConfigError(f"model.train: unknown part(s) {sorted(bad_parts)}; use encoders, projectors, language_model")
+        if not self.strategies:
+            raise ConfigError("strategies: give at least one strategy, e.g. [sequential]")
+        names = [s.name for s in self.strategies]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"strategies: {names} names a strategy twice")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["strategies"] = [{s.name: s.options} if s.options else s.name for s in self.strategies]
+        return d
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- loading ----------------------------------------------------------------------------------------------------------
+
+
+def _parse_strategies(value: Any, where: str) -> list[StrategySpec]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of strategy names, e.g. [sequential] or [lora, ewc]")
+    specs = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            specs.append(StrategySpec(item))
+        elif isinstance(item, dict) and len(item) == 1:
+            (name, opts), = item.items()
+            if opts is not None and not isinstance(opts, dict):
+                raise ConfigError(f"{where}[{i}]: options of {name!r} must be a mapping, e.g. {{{name}: {{...}}}}")
+            specs.append(StrategySpec(str(name), dict(opts or {})))
+        elif isinstance(item, dict) and "name" in item:
+            opts = {k: v for k, v in item.items() if k != "name"}
+            specs.append(StrategySpec(str(item["name"]), opts))
+        else:
+            raise ConfigError(f"{where}[{i}]: write a strategy as a name or as {{name: {{option: value}}}}")
+    return specs
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        near = difflib.get_close_matches(k, names, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(names)}"
+        raise ConfigError(f"{where + '.' if where else ''}{k}: unknown key{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{where}.{name}" if where else name
+        if cls is RunConfig and name == "strategies":
+            kwargs[name] = _parse_strategies(data[name], key)
+        else:
+            kwargs[name] = _coerce(data[name], hints[name], key)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override to a raw config mapping (value parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: write overrides as key=value, e.g. train.lr=3e-4")
+    key, _, raw = override.partition("=")
+    parts = key.strip().split(".")
+    value = _parse_scalar(raw)
+    if parts[0] == "strategies" and len(parts) >= 3:
+        # strategies.<name>.<option>=value sets an option of a strategy already in the list
+        specs = _parse_strategies(data.get("strategies", ["sequential"]), "strategies")
+        match = [s for s in specs if s.name == parts[1]]
+        if not match:
+            raise ConfigError(f"{key}: no strategy {parts[1]!r} in strategies {[s.name for s in specs]}; add it first")
+        match[0].options[".".join(parts[2:])] = value
+        data["strategies"] = [{s.name: s.options} for s in specs]
+        return
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (optional), apply overrides, and return the validated config."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    for o in overrides or []:
+        apply_override(data, o)
+    try:
+        return _build(RunConfig, data, "").validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data, "").validate()
+
+
+def build_dataclass(cls: type, data: dict | None, where: str) -> Any:
+    """Build any config dataclass from a mapping with the same checks and messages as the run config."""
+    return _build(cls, data or {}, where)
+
+
+def field_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, read from the attribute docstrings above; used by `--help`."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hint):
+            rows += field_help(hint, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if key == "strategies":
+            default = [s.name for s in default]
+        rows.append((key, repr(default), docs.get(f.name, "")))
+    return rows

@@ -1,0 +1,163 @@
+"""Image instruction tasks in the spirit of CoIN: colour QA, counting, classes, OCR, grounding, MCQ, captions."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+from PIL import Image
+
+from .shapes import COLOURS, SHAPES, Box, canvas, draw_shape, draw_word
+from .spec import SHORT_ANSWER, Sample, TaskSpec, balanced
+
+COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+OCR_WORDS: tuple[str, ...] = ("sun", "cat", "map", "box", "red", "dog", "cup", "hat", "pen", "fish", "tree", "moon")
+NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
+LETTERS = "ABCD"
+# Caption regions: (phrase, alternative phrase, centre as fractions of the image).
+REGIONS: tuple[tuple[str, str, tuple[float, float]], ...] = (
+    ("at the top left", "in the top left corner", (0.27, 0.27)),
+    ("at the top right", "in the top right corner", (0.73, 0.27)),
+    ("at the bottom left", "in the bottom left corner", (0.27, 0.73)),
+    ("at the bottom right", "in the bottom right corner", (0.73, 0.73)),
+    ("in the center", "in the middle", (0.5, 0.5)),
+)
+
+
+def _box_around(cx: float, cy: float, side: int, size: int) -> Box:
+    x0 = min(max(round(cx - side / 2), 0), size - side)
+    y0 = min(max(round(cy - side / 2), 0), size - side)
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def _random_box(rng: random.Random, size: int, lo: float, hi: float) -> Box:
+    side = rng.randint(round(lo * size), round(hi * size))
+    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def _single_shape(rng: random.Random, size: int, kind: str, colour: str, lo: float = 0.5,
+                  hi: float = 0.8) -> Image.Image:
+    img = canvas(size, rng)
+    draw_shape(img, kind, colour, _random_box(rng, size, lo, hi))
+    return img
+
+
+def color_qa(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
+    """One large shape; answer its colour in one word."""
+    for colour in balanced(rng, COLOUR_NAMES, n):
+        img = _single_shape(rng, size, rng.choice(SHAPES), colour)
+        yield Sample(f"What colour is the shape?\n{SHORT_ANSWER}", colour, [colour], img)
+
+
+def count(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
+    """One to four identical shapes in distinct cells of a 3x3 grid (so they never overlap); answer how many."""
+    cell = size // 3
+    for k in balanced(rng, (1, 2, 3, 4), n):
+        img = canvas(size, rng)
+        kind, colour = rng.choice(SHAPES), rng.choice(COLOUR_NAMES)
+        side = rng.randint(round(0.65 * cell), round(0.9 * cell))
+        for c in rng.sample(range(9), k):
+            x0 = (c % 3) * cell + rng.randint(0, cell - side)
+            y0 = (c // 3) * cell + rng.randint(0, cell - side)
+            draw_shape(img, kind, colour, (x0, y0, x0 + side, y0 + side))
+        # VQA-style: ten human answers, mostly the digit, sometimes the number word.
+        words = rng.randint(0, 2)
+        answers = [str(k)] * (10 - words) + [NUMBER_WORDS[k]] * words
+        yield Sample(f"How many shapes are there?\n{SHORT_ANSWER}", str(k), answers, img)
+
+
+def shape_cls(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
+    """One shape of any colour; name the object class."""
+    for kind in balanced(rng, SHAPES, n):
+        img = _single_shape(rng, size, kind, rng.choice(COLOUR_NAMES))
+        yield Sample("What object is shown?", kind, [kind], img)
+
+
+def ocr(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
+    """A short word in large bold letters filling the image; read it."""
+    for word in balanced(rng, OCR_WORDS, n):
+        img = canvas(size, rng)
+        draw_word(img, word, rng)
+        yield Sample(f"What word is written in the image?\n{SHORT_ANSWER}", word, [word], img)
+
+
+def grounding(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
+    """One shape whose corners lie on a tenth-of-the-image grid (so the one-decimal answer fits it); give its box."""
+    for kind in balanced(rng, SHAPES, n):
+        colour = rng.choice(COLOUR_NAMES)
+        side = rng.choice((3, 4, 5))  # tenths: 30-50% of the image
+        gx, gy = rng.randint(0, 10 - side), rng.randint(0, 10 - side)
+        x0, y0, x1, y1 = (round(g * size / 10) for g in (gx, gy, gx + side, gy + side))
+        box = (x0, y0, x1, y1)
+        img = canvas(size, rng)
+        draw_shape(img, kind, colour, box)
+        answer = "[" + ", ".join(f"{v / size:.1f}" for v in box) + "]"
+        prompt = ("Please provide the bounding box coordinate of the region this sentence describes: "
+                  f"the {colour} {kind}.")
+        yield Sample(prompt, answer, [answer], img)
+
+
+def mcq(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
+    """ScienceQA-like: one shape and four lettered options; answer the letter (gold balanced over A-D)."""
+    for gold_pos in balanced(rng, range(4), n):
+        kind = rng.choice(SHAPES)
+        options = rng.sample([s for s in SHAPES if s != kind], 3)
+        options.insert(gold_pos, kind)
+        img = _single_shape(rng, size, kind, rng.choice(COLOUR_NAMES))
+        lines = "\n".join(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options))
+        prompt = f"Which shape is shown?\n{lines}\nAnswer with the option's letter from the given choices directly."
+        yield Sample(prompt, LETTERS[gold_pos], [LETTERS[gold_pos]], img)
+
+
+def caption(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
+    """One shape (size and region named) or two shapes left and right; describe briefly, three paraphrase refs."""
+    for n_shapes in balanced(rng, (1, 2), n):
+        img = canvas(size, rng)
+        if n_shapes == 1:
+            kind, colour = rng.choice(SHAPES), rng.choice(COLOUR_NAMES)
+            phrase, alt, (fx, fy) = rng.choice(REGIONS)
+            big = rng.random() < 0.5
+            side = round(rng.uniform(0.44, 0.5) * size) if big else round(rng.uniform(0.22, 0.28) * size)
+            jitter = 0.03 * size
+            cx, cy = fx * size + rng.uniform(-jitter, jitter), fy * size + rng.uniform(-jitter, jitter)
+            draw_shape(img, kind, colour, _box_around(cx, cy, side, size))
+            adj = "large" if big else "small"
+            refs = [f"a {adj} {colour} {kind} {phrase}", f"there is a {adj} {colour} {kind} {phrase}",
+                    f"a {colour} {kind} {alt}"]
+        else:
+            (k1, k2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(COLOUR_NAMES, 2)
+            side = round(rng.uniform(0.3, 0.4) * size)
+            cy = size / 2 + rng.uniform(-0.15, 0.15) * size
+            draw_shape(img, k1, c1, _box_around(0.27 * size, cy, side, size))
+            draw_shape(img, k2, c2, _box_around(0.73 * size, cy, side, size))
+            refs = [f"a {c1} {k1} and a {c2} {k2}", f"a {c1} {k1} on the left and a {c2} {k2} on the right",
+                    f"there is a {c1} {k1} and a {c2} {k2}"]
+        yield Sample("Describe the image briefly.", refs[0], refs, img)
+
+
+def align(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
+    """LLaVA stage-1 analogue: one shape anywhere, captioned by colour and class, to align the projector."""
+    for kind in balanced(rng, SHAPES, n):
+        colour = rng.choice(COLOUR_NAMES)
+        img = _single_shape(rng, size, kind, colour, lo=0.3, hi=0.8)
+        refs = [f"a {colour} {kind}", f"there is a {colour} {kind}", f"a {kind} that is {colour}"]
+        yield Sample("Describe the image.", refs[0], refs, img)
+
+
+STREAM_TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec("color_qa", "image", "qa", "exact_match", "What colour is the shape? One word.", color_qa),
+    TaskSpec("shape_cls", "image", "classification", "classification",
+             "What object is shown? One of six shape classes.", shape_cls),
+    TaskSpec("count", "image", "qa", "vqa_accuracy", "How many shapes (1-4)? Answer a digit.", count),
+    TaskSpec("ocr", "image", "qa", "exact_match", "What word is written in the image? A three- or four-letter word.",
+             ocr),
+    TaskSpec("mcq", "image", "mcq", "option_letter", "Which shape is shown? Answer the letter of one of four options.",
+             mcq),
+    TaskSpec("grounding", "image", "grounding", "box_iou",
+             "Give the bounding box [x1, y1, x2, y2] (fractions, one decimal) of the described shape.", grounding),
+    TaskSpec("caption", "image", "caption", "cider", "Describe the image briefly: shapes, colours, size, place.",
+             caption),
+)
+ALIGN_TASK = TaskSpec("align", "image", "caption", "cider",
+                      "Projector alignment pairs (LLaVA stage 1): an image of one shape and its short caption.", align)

@@ -1,0 +1,179 @@
+"""Write the whole offline world (tasks, streams, world.json) to disk, deterministically from a seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from .image_tasks import ALIGN_TASK, STREAM_TASKS
+from .shapes import png_bytes
+from .spec import TaskSpec
+from .text_tasks import text_tasks
+
+FORMAT = "mmcl-world"
+VERSION = 1
+STREAM_DESCRIPTION = "Seven image instruction tasks in the spirit of CoIN; language skills as retention tasks."
+
+
+@dataclass
+class WorldSizes:
+    """How many records each part of the world gets, and the image side in pixels."""
+
+    train: int = 192  # train records per stream task
+    test: int = 48  # test records per task (stream tasks and retention tasks)
+    lang_train: int = 600  # train records per language skill (used for LM pre-training)
+    align: int = 1200  # image-caption pairs for projector alignment (LLaVA stage 1)
+    image_size: int = 64  # pixels (square PNG)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"WorldSizes.{f.name} must be a positive int, got {value!r}")
+        if not 16 <= self.image_size <= 512:
+            raise ValueError(f"WorldSizes.image_size must be between 16 and 512, got {self.image_size}")
+
+
+def _write_split(task_dir: Path, spec: TaskSpec, split: str, n: int, seed: int, image_size: int,
+                 bar: tqdm) -> int:
+    """Write one split file (and its images); return the longest gold answer in characters."""
+    rng = random.Random(f"mmcl-world/{seed}/{spec.name}/{split}")
+    longest = 0
+    lines = []
+    for i, sample in enumerate(spec.generate(rng, n, image_size)):
+        rec_id = f"{spec.name}-{split}-{i:05d}"
+        rec: dict = {"id": rec_id}
+        human = sample.prompt
+        if sample.image is not None:
+            rel = f"images/{rec_id}.png"
+            (task_dir / rel).write_bytes(png_bytes(sample.image))
+            rec["image"] = rel
+            human = "<image>\n" + human
+        rec["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": sample.answer}]
+        rec["answers"] = sample.answers or [sample.answer]
+        lines.append(json.dumps(rec, ensure_ascii=False, sort_keys=False))
+        longest = max(longest, len(sample.answer))
+        bar.update(1)
+    (task_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return longest
+
+
+def _write_task(root: Path, train: TaskSpec, test: TaskSpec, n_train: int, n_test: int, seed: int,
+                image_size: int, bar: tqdm) -> str:
+    """Write tasks/<name>/ (manifest, splits, images); return its path relative to `root`."""
+    task_dir = root / "tasks" / train.name
+    task_dir.mkdir(parents=True)
+    if train.modality == "image":
+        (task_dir / "images").mkdir()
+    longest = max(_write_split(task_dir, train, "train", n_train, seed, image_size, bar),
+                  _write_split(task_dir, test, "test", n_test, seed, image_size, bar))
+    manifest = {
+        "name": train.name,
+        "modality": train.modality,
+        "type": train.type,
+        "scorer": train.scorer,
+        "description": train.description,
+        "data_root": ".",
+        "splits": {"train": "train.jsonl", "test": "test.jsonl"},
+        # Characters bound tokens for any byte-level tokenizer, so this budget always fits the longest answer.
+        "max_new_tokens": longest + 2,
+    }
+    _write_yaml(task_dir / "task.yaml", manifest)
+    return f"tasks/{train.name}"
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=119), encoding="utf-8")
+
+
+def _prepare_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot write the world to {out}: it exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "world.json").is_file():
+        raise ValueError(f"refusing to write the world into {out}: it is not empty and holds no world.json "
+                         "(choose an empty or new directory)")
+
+
+def write_world(out: Path, seed: int = 0, sizes: WorldSizes | None = None, progress: bool = False) -> Path:
+    """Write the offline world under `out` and return out/"world.json"; same seed and sizes give identical bytes.
+
+    An existing world at `out` is replaced; any other non-empty directory is refused with a ValueError.
+    """
+    out = Path(out)
+    sizes = sizes or WorldSizes()
+    _prepare_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and swap in at the end, so an interrupted run never leaves a half world behind.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    text = text_tasks(seed)
+    total = (len(STREAM_TASKS) * (sizes.train + sizes.test) + len(text) * (sizes.lang_train + sizes.test)
+             + sizes.align + sizes.test)
+    try:
+        with tqdm(total=total, desc="writing world", unit="rec", disable=not progress) as bar:
+            stream = [_write_task(tmp, s, s, sizes.train, sizes.test, seed, sizes.image_size, bar)
+                      for s in STREAM_TASKS]
+            retention = [_write_task(tmp, tr, te, sizes.lang_train, sizes.test, seed, sizes.image_size, bar)
+                         for tr, te in text]
+            align = _write_task(tmp, ALIGN_TASK, ALIGN_TASK, sizes.align, sizes.test, seed, sizes.image_size, bar)
+        (tmp / "streams").mkdir()
+        _write_yaml(tmp / "streams" / "image.yaml", {
+            "name": "image",
+            "description": STREAM_DESCRIPTION,
+            "tasks": [f"../{t}" for t in stream],
+            "retention": [f"../{t}" for t in retention],
+        })
+        world = {
+            "format": FORMAT,
+            "version": VERSION,
+            "seed": seed,
+            "sizes": asdict(sizes),
+            "streams": {"image": "streams/image.yaml"},
+            "pretrain": {"text": retention, "align": [align]},
+        }
+        (tmp / "world.json").write_text(json.dumps(world, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out / "world.json"
+
+
+def _task_dirs(world_dir: Path) -> list[Path]:
+    world = json.loads((world_dir / "world.json").read_text(encoding="utf-8"))
+    dirs: list[Path] = []
+    for stream_rel in world["streams"].values():
+        stream_file = world_dir / stream_rel
+        stream = yaml.safe_load(stream_file.read_text(encoding="utf-8"))
+        dirs += [(stream_file.parent / t).resolve() for t in stream["tasks"] + stream.get("retention", [])]
+    for group in world["pretrain"].values():
+        dirs += [(world_dir / t).resolve() for t in group]
+    return list(dict.fromkeys(dirs))
+
+
+def world_texts(out: Path) -> Iterator[str]:
+    """Yield every human and gpt text (and every extra reference answer) of every split of every task in the world.
+
+    Meant for training the tokenizer, so it covers all words the model must read or write; texts keep <image>.
+    """
+    for task_dir in _task_dirs(Path(out)):
+        manifest = yaml.safe_load((task_dir / "task.yaml").read_text(encoding="utf-8"))
+        for split_file in manifest["splits"].values():
+            with open(task_dir / split_file, encoding="utf-8") as f:
+                for line in f:
+                    rec = json.loads(line)
+                    texts = [turn["value"] for turn in rec["conversations"]]
+                    yield from texts
+                    yield from (a for a in rec.get("answers", []) if a not in texts)

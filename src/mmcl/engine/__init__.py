@@ -1,0 +1,1 @@
+"""The continual engine: the task loop, the step loop, checkpoints."""

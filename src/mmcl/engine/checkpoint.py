@@ -1,0 +1,187 @@
+"""Checkpoints: safetensors + JSON only, written atomically, verified on load.
+
+Layout: `checkpoints/<name>/{model.safetensors, strategies.safetensors, state.json}` plus `checkpoints/latest`
+(the name of the newest complete checkpoint). A checkpoint is written into a hidden temporary directory, each file
+fsynced, and renamed into place in one step; `state.json` records each file's size and SHA-256, so a truncated or
+altered file is detected on load. A failed save removes its temporary directory and leaves `latest` as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "mmcl-checkpoint"
+PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names the file and the reason."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies; tensors that share storage (tied embeddings) are cloned so safetensors accepts them."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        out[k] = v.to("cpu").clone().contiguous() if ptr in seen or not v.is_contiguous() else v.to("cpu")
+        if ptr is not None:
+            seen.add(ptr)
+    return out
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    name: str,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    state: dict,
+    keep_last: int = 0,
+) -> Path:
+    """Atomically write checkpoint `name` (one safetensors file per entry of `tensors`, plus state.json)."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        files = {}
+        for fname, tdict in tensors.items():
+            path = tmp / f"{fname}.safetensors"
+            save_file(unique_tensors(tdict), str(path), metadata={"format": "pt"})
+            _fsync_file(path)
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+        full_state = {"format": FORMAT, "version": 1, "name": name, "files": files, **state}
+        (tmp / "state.json").write_text(json.dumps(full_state, indent=2) + "\n")
+        _fsync_file(tmp / "state.json")
+        _fsync_dir(tmp)
+        if final.exists():  # re-running a task after a resume replaces its old checkpoint
+            old = ckpt_root / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (ckpt_root / ".latest.tmp").write_text(name + "\n")
+    os.replace(ckpt_root / ".latest.tmp", ckpt_root / "latest")
+    if keep_last:
+        prune(ckpt_root, keep_last, protect={name})
+    return final
+
+
+def read_state(path: Path) -> dict:
+    sfile = path / "state.json"
+    if not sfile.exists():
+        raise CheckpointError(f"{sfile}: missing; the checkpoint is incomplete")
+    try:
+        state = json.loads(sfile.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{sfile}: corrupt JSON ({e.msg} at line {e.lineno})") from e
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{sfile}: not an mmcl checkpoint (format {state.get('format')!r})")
+    return state
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check every file's size and hash against state.json; return the state or raise CheckpointError."""
+    state = read_state(path)
+    for fname, meta in state["files"].items():
+        f = path / fname
+        if not f.exists():
+            raise CheckpointError(f"{f}: missing; the checkpoint is incomplete")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"{f}: {size} bytes but {meta['bytes']} were written; the file is truncated or altered")
+        if sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f}: SHA-256 mismatch; the file was altered or corrupted")
+    return state
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Verified tensors (per safetensors file) and state of a checkpoint directory."""
+    state = verify_checkpoint(path)
+    tensors = {Path(f).stem: load_file(str(path / f)) for f in state["files"]}
+    return tensors, state
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete-looking checkpoint directories, newest (by recorded order) first."""
+    if not ckpt_root.exists():
+        return []
+    found = []
+    for d in ckpt_root.iterdir():
+        if d.is_dir() and not d.name.startswith("."):
+            try:
+                found.append((read_state(d).get("order", -1), d))
+            except CheckpointError:
+                found.append((-2, d))
+    return [d for _, d in sorted(found, key=lambda x: (x[0], x[1].name), reverse=True)]
+
+
+def latest_valid(ckpt_root: Path, warn=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies; corrupt newer ones are reported through `warn` and skipped."""
+    for d in list_checkpoints(ckpt_root):
+        try:
+            return d, verify_checkpoint(d)
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint {d.name}: {e}; falling back to the previous one")
+    return None
+
+
+def prune(ckpt_root: Path, keep_last: int, protect: set[str]) -> None:
+    """Delete all but the newest `keep_last` checkpoints, never one named in `protect` or in `latest`."""
+    latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").exists() else None
+    keep = set(protect) | ({latest} if latest else set())
+    for d in list_checkpoints(ckpt_root)[keep_last:]:
+        if d.name not in keep:
+            shutil.rmtree(d)
+
+
+def is_pickle(path: Path) -> bool:
+    """True if a file starts like a pickle or a torch zip archive."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return any(head.startswith(m) for m in PICKLE_MAGIC)

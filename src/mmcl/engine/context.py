@@ -1,0 +1,79 @@
+"""What strategies see: the model, the stream, the current task and step, and helpers to read task data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from mmcl.config import RunConfig
+from mmcl.data.batching import Collator, Example, MediaLoader, encode_records, move_batch
+from mmcl.data.records import Record, Stream, Task
+from mmcl.models.mllm import MultimodalLM
+from mmcl.models.tokenizer import ConversationFormat
+
+
+@dataclass
+class Context:
+    config: RunConfig
+    accelerator: Accelerator
+    model: MultimodalLM
+    tokenizer: Any
+    fmt: ConversationFormat
+    stream: Stream
+    run_dir: Path
+    media: MediaLoader
+    records: dict[str, dict[str, list[Record]]]  # task name -> split -> validated records
+    task_index: int = -1
+    step: int = 0  # optimizer steps over the whole run
+    task_step: int = 0  # optimizer steps within the current task
+    optimizer: torch.optim.Optimizer | None = None
+    _examples: dict[str, list[Example]] = field(default_factory=dict)
+
+    @property
+    def task(self) -> Task:
+        return self.stream.tasks[self.task_index]
+
+    @property
+    def seen_tasks(self) -> list[Task]:
+        """Train tasks finished before the current one."""
+        return self.stream.tasks[: max(self.task_index, 0)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    def train_examples(self, task_name: str) -> list[Example]:
+        """The tokenized training examples of a task of the stream (cached)."""
+        if task_name not in self._examples:
+            self._examples[task_name] = encode_records(self.records[task_name]["train"], self.fmt, task_name)
+        return self._examples[task_name]
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def collator(self, left_pad: bool = False) -> Collator:
+        return Collator(self.tokenizer.pad_token_id, self.media, left_pad=left_pad)
+
+    def batches(self, examples: list[Example], batch_size: int) -> Iterator[dict]:
+        """Examples in order, in device batches (for passes such as importance estimation)."""
+        collate = self.collator()
+        for i in range(0, len(examples), batch_size):
+            yield move_batch(collate(examples[i : i + batch_size]), self.device, self.dtype)
+
+    def forward(self, batch: dict, model: torch.nn.Module | None = None) -> Any:
+        """Run `model` (default: the trained model) on a device batch; returns the HF output with `.logits`."""
+        m = model if model is not None else self.model
+        return m(batch["input_ids"], batch["attention_mask"], batch["media"])

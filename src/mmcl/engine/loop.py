@@ -1,0 +1,351 @@
+"""The continual loop: row 0 evaluates the untouched model; then each task trains, every task is evaluated (one row
+of the accuracy matrix), and a checkpoint is written. Strategies act only through their hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from mmcl.config import RunConfig
+from mmcl.data.batching import MediaLoader
+from mmcl.data.records import DataError, Problem, Stream, format_problems, read_records
+from mmcl.engine import checkpoint as ck
+from mmcl.engine.context import Context
+from mmcl.engine.train import StepHooks, fit
+from mmcl.eval.generate import evaluate_task
+from mmcl.eval.metrics import compute_metrics
+from mmcl.models.builder import conversation_format, count_parameters, load_image
+from mmcl.strategies import Strategy, build_strategies, check_composition
+
+# Config fields that may differ on resume without changing what the run computes.
+HARMLESS_ON_RESUME = {"name", "output_dir", "checkpoint.keep_last", "eval.batch_size"}
+
+
+class StrategyError(RuntimeError):
+    """An exception inside a strategy hook, re-raised with the strategy and hook named."""
+
+
+@dataclass
+class Cost:
+    wall_time_s: float = 0.0
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    steps: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    extra_state_bytes: int = 0
+    peak_memory_bytes: int = 0
+    losses: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "losses"}
+        d["time_per_step_s"] = self.train_time_s / self.steps if self.steps else None
+        d["samples_per_s"] = self.samples / self.train_time_s if self.train_time_s else None
+        return d
+
+
+def task_seed(seed: int, task_index: int, purpose: int = 0) -> int:
+    """A distinct, reproducible seed per (run seed, task, purpose), so a resumed task replays exactly."""
+    return (seed * 1_000_003 + (task_index + 1) * 7919 + purpose * 104_729) % 2**32
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def call(strategies: list[Strategy], hook: str, *args):
+    """Call `hook` on every strategy in order; name the strategy and hook if it raises."""
+    results = []
+    for s in strategies:
+        try:
+            results.append(getattr(s, hook)(*args))
+        except Exception as e:
+            raise StrategyError(f"strategy {s.name!r} failed in hook {hook!r}: {type(e).__name__}: {e}") from e
+    return results
+
+
+# -- pre-flight -------------------------------------------------------------------------------------------------------
+
+
+def preflight(stream: Stream, cfg: RunConfig, log=print) -> tuple[dict[str, dict[str, list]], list[Problem]]:
+    """Read and check every split the run will touch, before any training. Raises DataError listing every bad
+    record (policy `error`), or drops them (policy `skip`) unless too many are bad."""
+    records: dict[str, dict[str, list]] = {}
+    problems: list[Problem] = []
+    for task in stream.all_tasks:
+        records[task.name] = {}
+        splits = ["train", "test"] if task in stream.tasks else ["test"]
+        for split in splits:
+            limit = cfg.data.train_limit if split == "train" else cfg.data.test_limit
+            good, bad = read_records(task, split, allow_outside_root=cfg.data.allow_outside_root, limit=limit)
+            problems += bad
+            total = len(good) + len(bad)
+            if bad and cfg.data.on_bad_record == "skip" and len(bad) > cfg.data.max_bad_fraction * total:
+                raise DataError(
+                    f"{task.name}/{split}: {len(bad)} of {total} records are bad, more than data.max_bad_fraction="
+                    f"{cfg.data.max_bad_fraction}:\n{format_problems(bad)}"
+                )
+            if not good:
+                raise DataError(f"{task.name}/{split}: no usable records in {task.split_path(split)}")
+            records[task.name][split] = good
+    if problems and cfg.data.on_bad_record == "error":
+        raise DataError(
+            f"{len(problems)} bad record(s); fix them, or set data.on_bad_record=skip to leave them out:\n"
+            + format_problems(problems)
+        )
+    if problems:
+        log(f"skipping {len(problems)} bad record(s) (listed in skipped.jsonl)")
+    return records, problems
+
+
+# -- evaluation -------------------------------------------------------------------------------------------------------
+
+
+def evaluate_row(ctx: Context, row: int, progress: bool) -> dict[str, float]:
+    """Evaluate every train task (and retention task) on its test split; write predictions; return scores."""
+    from tqdm.auto import tqdm
+
+    cfg = ctx.config
+    tasks = ctx.stream.tasks + (ctx.stream.retention if cfg.eval.retention else [])
+    collate = ctx.collator(left_pad=True)
+    scores = {}
+    out_dir = ctx.run_dir / "predictions" / f"row-{row:02d}"
+    if ctx.accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    label = "initial" if row == 0 else f"after {ctx.stream.tasks[row - 1].name}"
+    show = progress and ctx.accelerator.is_main_process
+    for task in tqdm(tasks, desc=f"eval {label}", leave=False, disable=not show):
+        res = evaluate_task(
+            ctx.model, ctx.fmt, collate, task, ctx.records[task.name]["test"],
+            batch_size=cfg.eval.batch_size, device=ctx.device, dtype=ctx.dtype, max_new_tokens=cfg.eval.max_new_tokens,
+        )
+        scores[task.name] = round(res.score, 4)
+        if ctx.accelerator.is_main_process:
+            with (out_dir / f"{task.name}.jsonl").open("w") as f:
+                for p in res.predictions:
+                    f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    return scores
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------------
+
+
+def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    diffs = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        key = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict) and key != "strategies":
+            diffs += _config_diff(a, b, key + ".")
+        elif a != b:
+            diffs.append((key, b, a))
+    return diffs
+
+
+def check_resume_config(saved: dict, current: dict, log=print) -> None:
+    """Refuse to resume with a config that changes what the run computes; harmless differences only warn."""
+    diffs = _config_diff(saved, current)
+    fatal = [d for d in diffs if d[0] not in HARMLESS_ON_RESUME]
+    for key, now, then in diffs:
+        if key in HARMLESS_ON_RESUME:
+            log(f"warning: {key} differs from the checkpoint (config={now!r}, checkpoint={then!r}); using config")
+    if fatal:
+        lines = "\n".join(f"  {k}: config={now!r}, checkpoint={then!r}" for k, now, then in fatal)
+        raise ValueError(f"cannot resume: the config differs from the checkpoint's:\n{lines}\n"
+                         "Resume with the original config, or start a new run (another name or output_dir).")
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision)
+
+
+def set_trainable(model: torch.nn.Module, parts: list[str]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for part in parts:
+        for p in getattr(model, part).parameters():
+            p.requires_grad_(True)
+
+
+def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, log=print) -> Path:
+    """Run a continual stream end to end and return the run directory."""
+    from mmcl.builtin import resolve_model, resolve_stream
+
+    t0 = time.perf_counter()
+    run_dir = cfg.run_dir
+    ckpt_root = run_dir / "checkpoints"
+    if not resume and (run_dir / "config.yaml").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another name/output_dir"
+        )
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    say = log if main else (lambda *_: None)
+    seed_everything(cfg.seed)
+
+    stream = resolve_stream(cfg.data, progress=progress, log=say)
+    model, tokenizer = resolve_model(cfg.model, run_dir=run_dir, progress=progress, log=say)
+    model.to(accelerator.device)
+    records, problems = preflight(stream, cfg, log=say)
+    strategies = build_strategies(cfg.strategies)
+    check_composition(strategies, modalities={t.modality for t in stream.all_tasks if t.modality != "text"},
+                      num_processes=accelerator.num_processes)
+    set_trainable(model, cfg.model.train)
+    media = MediaLoader(model.modalities)
+    media.register("image", load_image)
+    ctx = Context(cfg, accelerator, model, tokenizer, conversation_format(model, tokenizer), stream, run_dir, media,
+                  records)
+    call(strategies, "prepare_model", ctx)
+
+    rows: list[dict] = []
+    cost = Cost()
+    start_task = 0
+    if resume:
+        found = ck.latest_valid(ckpt_root, warn=say)
+        if found is None:
+            raise ck.CheckpointError(f"no valid checkpoint in {ckpt_root} to resume from")
+        path, state = found
+        check_resume_config(state["config"], cfg.to_dict(), log=say)
+        tensors, state = ck.load_checkpoint(path)
+        _restore(ctx, strategies, tensors, state)
+        rows, start_task = state["rows"], state["task_index"] + 1
+        cost = Cost(**{k: v for k, v in state["cost"].items() if k in Cost.__dataclass_fields__})
+        say(f"resuming {run_dir} after task {start_task} ({stream.tasks[start_task - 1].name}) from {path.name}")
+    elif main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.dump())
+        with (run_dir / "skipped.jsonl").open("w") as f:
+            for p in problems:
+                f.write(json.dumps({"file": str(p.file), "line": p.line, "id": p.id, "reason": p.reason}) + "\n")
+
+    if not rows:
+        t = time.perf_counter()
+        rows.append({"after": None, "scores": evaluate_row(ctx, 0, progress)})
+        cost.eval_time_s += time.perf_counter() - t
+        _write_results(ctx, rows, cost, main)
+
+    for index in range(start_task, len(stream.tasks)):
+        ctx.task_index, ctx.task_step = index, 0
+        task = stream.tasks[index]
+        seed_everything(task_seed(cfg.seed, index))
+        call(strategies, "on_task_start", ctx)
+        examples = ctx.train_examples(task.name)
+        for s in strategies:
+            examples = call([s], "train_examples", ctx, examples)[0]
+        trainable, total = count_parameters(model)
+        cost.trainable_parameters = max(cost.trainable_parameters, trainable)
+        cost.total_parameters = total
+
+        def on_step(step: int, loss: float) -> None:
+            ctx.step += 1
+            ctx.task_step = step + 1
+
+        result = fit(
+            model, examples, ctx.collator(), cfg.train, accelerator,
+            seed=task_seed(cfg.seed, index, purpose=1), hooks=_step_hooks(ctx, strategies),
+            label=f"task {index + 1}/{len(stream.tasks)} {task.name}", progress=progress, on_step=on_step,
+        )
+        accelerator.free_memory()
+        call(strategies, "on_task_end", ctx)
+        cost.train_time_s += result.train_time_s
+        cost.steps += result.steps
+        cost.samples += result.samples
+        cost.skipped_steps += result.skipped_steps
+        cost.losses[task.name] = result.losses
+
+        t = time.perf_counter()
+        rows.append({"after": task.name, "scores": evaluate_row(ctx, index + 1, progress)})
+        cost.eval_time_s += time.perf_counter() - t
+        cost.wall_time_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cost.peak_memory_bytes = max(cost.peak_memory_bytes, peak_memory_bytes())
+        strategy_tensors, strategy_meta = _strategy_state(strategies)
+        cost.extra_state_bytes = sum(v.numel() * v.element_size() for v in strategy_tensors.values())
+        _write_results(ctx, rows, cost, main)
+        if main:
+            ck.save_checkpoint(
+                ckpt_root,
+                f"task-{index + 1:02d}-{task.name}",
+                {"model": model.state_dict(), "strategies": strategy_tensors},
+                {"order": index, "task_index": index, "task": task.name, "rows": rows, "config": cfg.to_dict(),
+                 "strategies": strategy_meta, "cost": cost.to_json() | {"losses": cost.losses}},
+                keep_last=cfg.checkpoint.keep_last,
+            )
+        accelerator.wait_for_everyone()
+        last = rows[-1]["scores"]
+        say(f"after {task.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in last.items()))
+
+    cost.wall_time_s += time.perf_counter() - t0
+    _write_results(ctx, rows, cost, main)
+    if main:
+        from mmcl.report import write_report
+
+        write_report(run_dir)
+    return run_dir
+
+
+def _step_hooks(ctx: Context, strategies: list[Strategy]) -> StepHooks:
+    def transform(batch):
+        for s in strategies:
+            batch = call([s], "transform_batch", ctx, batch)[0]
+        return batch
+
+    def task_loss(batch, out):
+        values = [v for v in call(strategies, "task_loss", ctx, batch, out) if v is not None]
+        return values[0] if values else None
+
+    def extra(batch, out):
+        values = [v for v in call(strategies, "extra_loss", ctx, batch, out) if v is not None]
+        return sum(values) if values else None
+
+    return StepHooks(transform, task_loss, extra, lambda step: call(strategies, "after_optimizer_step", ctx))
+
+
+def _strategy_state(strategies: list[Strategy]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {}
+    for s in strategies:
+        t, m = s.state_dict()
+        tensors.update({f"{s.name}/{k}": v for k, v in t.items()})
+        meta[s.name] = m
+    return tensors, meta
+
+
+def _restore(ctx: Context, strategies: list[Strategy], tensors: dict, state: dict) -> None:
+    try:
+        ctx.model.load_state_dict(tensors["model"], strict=True)
+    except RuntimeError as e:
+        raise ck.CheckpointError(f"checkpoint weights do not fit the model built from this config: {e}") from e
+    for s in strategies:
+        mine = {k.split("/", 1)[1]: v for k, v in tensors["strategies"].items() if k.startswith(s.name + "/")}
+        call([s], "load_state_dict", mine, state["strategies"].get(s.name, {}))
+    ctx.step = sum(len(v) for v in state["cost"].get("losses", {}).values())
+
+
+def _write_results(ctx: Context, rows: list[dict], cost: Cost, main: bool) -> None:
+    if not main:
+        return
+    matrix = {"tasks": [t.name for t in ctx.stream.tasks], "retention": [t.name for t in ctx.stream.retention]
+              if ctx.config.eval.retention else [], "rows": rows}
+    ck.write_json_atomic(ctx.run_dir / "matrix.json", matrix)
+    ck.write_json_atomic(ctx.run_dir / "metrics.json", compute_metrics(matrix))
+    ck.write_json_atomic(ctx.run_dir / "cost.json", cost.to_json())
+    ck.write_json_atomic(ctx.run_dir / "losses.json", cost.losses)

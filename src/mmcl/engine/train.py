@@ -1,0 +1,194 @@
+"""Training one task: global batches in a seeded order, gradient accumulation, clipping, schedule, loss policy.
+
+The loss of a step is the token-level cross-entropy averaged over every supervised token of the *global* batch,
+however it is split into micro-batches and processes, so 1 process x 4 micro-batches and 2 processes x 2 give the
+same gradients (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from mmcl.config import TrainConfig
+from mmcl.data.batching import Collator, Example, move_batch
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; raised before the optimizer step, so weights are untouched."""
+
+
+@dataclass
+class StepHooks:
+    """Per-step callbacks the continual engine plugs in (strategies); all optional."""
+
+    transform_batch: Callable[[dict], dict] | None = None
+    task_loss: Callable[[dict, object], torch.Tensor | None] | None = None
+    extra_loss: Callable[[dict, object], torch.Tensor | None] | None = None
+    after_step: Callable[[int], None] | None = None
+
+
+@dataclass
+class FitResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    train_time_s: float = 0.0
+    samples: int = 0
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over supervised positions (labels != -100)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def lr_lambda(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def steps_for(n_examples: int, cfg: TrainConfig) -> int:
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    total = per_epoch * cfg.epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def global_batches(n: int, cfg: TrainConfig, seed: int) -> list[list[int]]:
+    """Index lists of every global batch of the task, reshuffled each epoch by a generator seeded from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[list[int]] = []
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=g).tolist()
+        out += [perm[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+    return out[: steps_for(n, cfg)]
+
+
+def fit(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    collator: Collator,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    *,
+    seed: int,
+    hooks: StepHooks | None = None,
+    label: str = "train",
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    """Train `model`'s trainable parameters on `examples` for the configured epochs/steps; returns losses."""
+    from tqdm.auto import tqdm
+
+    hooks = hooks or StepHooks()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient (check model.train and strategies)")
+    if not examples:
+        raise ValueError(f"{label}: no training examples")
+    plan = global_batches(len(examples), cfg, seed)
+    total = len(plan)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, total, warmup))
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    dtype = next(model.parameters()).dtype
+    world, rank = accelerator.num_processes, accelerator.process_index
+    result = FitResult(steps=0)
+    consecutive_skips = 0
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc=label, disable=not progress or not accelerator.is_main_process, leave=False)
+    model.train()
+    for step, idx in enumerate(plan):
+        shard = idx[rank::world]  # every rank builds the same global batch and takes its slice
+        n_tokens = sum(sum(1 for t in examples[i].labels[1:] if t != -100) for i in idx)
+        micro = [shard[k :: cfg.grad_accum] for k in range(cfg.grad_accum)]
+        step_loss = torch.zeros((), device=accelerator.device)
+        for k, mb in enumerate(micro):
+            if not mb:
+                continue
+            batch = move_batch(collator([examples[i] for i in mb]), accelerator.device, dtype)
+            if hooks.transform_batch:
+                batch = hooks.transform_batch(batch)
+            sync = k == len(micro) - 1
+            with accelerator.no_sync(wrapped) if not sync and world > 1 else _null():
+                with accelerator.autocast():
+                    out = wrapped(batch["input_ids"], batch["attention_mask"], batch["media"])
+                    task_sum = hooks.task_loss(batch, out) if hooks.task_loss else None
+                    if task_sum is None:
+                        task_sum = token_cross_entropy_sum(out.logits, batch["labels"])
+                    # DDP averages gradients over ranks, so scale by world size to get the global-token mean.
+                    loss = task_sum * world / max(n_tokens, 1)
+                    extra = hooks.extra_loss(batch, out) if hooks.extra_loss else None
+                    if extra is not None:
+                        loss = loss + extra / len(micro)
+                accelerator.backward(loss)
+            step_loss += loss.detach() / world
+        grad_norm = (
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            if cfg.max_grad_norm
+            else torch.zeros((), device=accelerator.device)
+        )
+        # one host sync per step: the loss for the log and the finiteness check of loss and gradients
+        loss_value, norm_value = torch.stack([step_loss, torch.as_tensor(grad_norm, dtype=step_loss.dtype)]).tolist()
+        if world > 1:
+            loss_value = float(accelerator.reduce(torch.tensor(loss_value, device=accelerator.device), "sum"))
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            if cfg.on_nonfinite == "raise":
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"{label}: non-finite {what} ({loss_value if what == 'loss' else norm_value}) at step "
+                    f"{step + 1}/{total}; the optimizer step was not taken. Lower train.lr, check the data, or set "
+                    "train.on_nonfinite=skip"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            result.skipped_steps += 1
+            consecutive_skips += 1
+            if consecutive_skips >= cfg.max_consecutive_skips:
+                raise NonFiniteLossError(
+                    f"{label}: {consecutive_skips} non-finite steps in a row (last at step {step + 1}); aborting. "
+                    "Lower train.lr or check the data"
+                )
+            bar.update(1)
+            continue
+        consecutive_skips = 0
+        optimizer.step()
+        scheduler.step()
+        if hooks.after_step:
+            hooks.after_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        result.steps += 1
+        result.samples += len(idx)
+        result.losses.append(loss_value)
+        if on_step:
+            on_step(step, loss_value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+    bar.close()
+    result.train_time_s = time.perf_counter() - start
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

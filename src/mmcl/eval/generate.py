@@ -1,0 +1,89 @@
+"""Batched greedy evaluation: generate answers for a task's test records and score them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mmcl.data.batching import Collator, encode_records, move_batch
+from mmcl.data.records import Record, Task
+from mmcl.eval.scorers import get_scorer
+from mmcl.models.mllm import MultimodalLM
+from mmcl.models.tokenizer import ConversationFormat
+
+
+@dataclass
+class TaskResult:
+    task: str
+    score: float
+    predictions: list[dict]  # {"id", "prompt", "prediction", "references", "score"}
+
+
+@torch.no_grad()
+def generate_answers(
+    model: MultimodalLM,
+    fmt: ConversationFormat,
+    collator: Collator,
+    records: Sequence[Record],
+    task: str,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[str]:
+    """Greedy answers in record order. Prompts are grouped by length so batches carry little padding."""
+    examples = encode_records(records, fmt, task, for_generation=True)
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), i))
+    answers: list[str] = [""] * len(examples)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = move_batch(collator([examples[i] for i in idx]), device, dtype)
+            new = model.generate(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["media"],
+                max_new_tokens=max_new_tokens,
+                pad_token_id=collator.pad_id,
+                eos_token_id=fmt.eos,
+            )
+            for i, row in zip(idx, new.tolist()):
+                answers[i] = fmt.decode_answer(row)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def evaluate_task(
+    model: MultimodalLM,
+    fmt: ConversationFormat,
+    collator: Collator,
+    task: Task,
+    records: Sequence[Record],
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    max_new_tokens: int | None = None,
+) -> TaskResult:
+    """Score a task's test records with its scorer; returns the score (0-100 scale) and per-record predictions."""
+    answers = generate_answers(
+        model, fmt, collator, records, task.name, max_new_tokens or task.max_new_tokens, batch_size, device, dtype
+    )
+    refs = [r.references for r in records]
+    result = get_scorer(task.scorer)(answers, refs)
+    preds = [
+        {
+            "id": r.id,
+            "prompt": r.conversations[-2]["value"],
+            "prediction": a,
+            "references": ref,
+            "score": s,
+        }
+        for r, a, ref, s in zip(records, answers, refs, result.per_sample)
+    ]
+    return TaskResult(task.name, float(result.score), preds)

@@ -1,0 +1,113 @@
+"""`mmcl pretrain`: build the tiny base model the built-in stream starts from.
+
+Two stages, as in the LLaVA recipe seen as continual learning (P1): (1) the language model learns the world's
+language skills (text only); (2) alignment on image captions with the language model frozen (LLaVA stage 1). The
+tiny vision tower has no pretrained weights to borrow, so stage 2 trains it together with the projector. The
+model's scores on the language skills are saved with it, so a user can see it has skills to lose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from itertools import chain
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from mmcl.config import TrainConfig
+from mmcl.data.batching import Collator, MediaLoader, encode_records
+from mmcl.data.records import DataError, format_problems, load_task, read_records
+from mmcl.engine.train import fit
+from mmcl.eval.generate import evaluate_task
+from mmcl.models.builder import TinySizes, build_tiny, conversation_format, load_image, save_model
+from mmcl.models.tokenizer import ASSISTANT, USER, train_bpe_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    vocab_size: int = 1024
+    sizes: TinySizes = field(default_factory=TinySizes)
+    language: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_ratio=0.05))
+    align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=2e-3, warmup_ratio=0.05))
+    eval_batch_size: int = 128
+
+
+def _records(task, split):
+    good, bad = read_records(task, split)
+    if bad:
+        raise DataError(f"{task.manifest}: bad records in the pre-training data:\n{format_problems(bad)}")
+    return good
+
+
+def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progress: bool = True, log=print) -> Path:
+    """Train the tiny base on `world` and save it to `out` (written to a temporary directory, then renamed)."""
+    cfg = cfg or PretrainConfig()
+    world, out = Path(world), Path(out)
+    index = json.loads((world / "world.json").read_text())
+    t0 = time.perf_counter()
+    from mmcl.data.synth import world_texts
+
+    # the conversation template's words are in the corpus too, so they become single tokens
+    tokenizer = train_bpe_tokenizer(chain(world_texts(world), [f"{USER} {ASSISTANT}"] * 1000), cfg.vocab_size)
+    model = build_tiny(tokenizer, cfg.sizes, seed=cfg.seed)
+    fmt = conversation_format(model, tokenizer)
+    media = MediaLoader(model.modalities)
+    media.register("image", load_image)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model.to(accelerator.device)
+    collate = Collator(tokenizer.pad_token_id, media)
+    text_tasks = [load_task(world / p) for p in index["pretrain"]["text"]]
+    align_tasks = [load_task(world / p) for p in index["pretrain"]["align"]]
+
+    # stage 1: language skills, whole language model trained
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.language_model.parameters():
+        p.requires_grad_(True)
+    text = [e for t in text_tasks for e in encode_records(_records(t, "train"), fmt, t.name)]
+    log(f"pretrain 1/2: language skills on {len(text)} records ({', '.join(t.name for t in text_tasks)})")
+    r1 = fit(model, text, collate, cfg.language, accelerator, seed=cfg.seed, label="language", progress=progress)
+
+    # stage 2: alignment (LLaVA stage 1): language model frozen
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for p in model.language_model.parameters():
+        p.requires_grad_(False)
+    align = [e for t in align_tasks for e in encode_records(_records(t, "train"), fmt, t.name)]
+    log(f"pretrain 2/2: vision-language alignment on {len(align)} captions")
+    r2 = fit(model, align, collate, cfg.align, accelerator, seed=cfg.seed + 1, label="align", progress=progress)
+
+    scores = {}
+    left = Collator(tokenizer.pad_token_id, media, left_pad=True)
+    for t in text_tasks + align_tasks:
+        res = evaluate_task(model, fmt, left, t, _records(t, "test"), batch_size=cfg.eval_batch_size,
+                            device=accelerator.device)
+        scores[t.name] = round(res.score, 2)
+    info = {
+        "world": str(world.resolve()),
+        "world_seed": index.get("seed"),
+        "config": asdict(cfg),
+        "scores": scores,
+        "steps": {"language": r1.steps, "align": r2.steps},
+        "final_loss": {"language": r1.losses[-1], "align": r2.losses[-1]},
+        "time_s": round(time.perf_counter() - t0, 1),
+    }
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_model(model.cpu(), tokenizer, tmp, extra={"pretrain": info})
+        (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log("base model scores: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()) + f" ({info['time_s']} s)")
+    return out

@@ -1,0 +1,161 @@
+"""Tables of a run report, built once as ``Table`` objects and rendered to Markdown, HTML or plain text."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Table", "comparison_table", "comparison_text", "fmt", "summary_table"]
+
+MISSING = "n/a"
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A number with fixed decimals; ``n/a`` for None/NaN so gaps are visible, not blank."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _looks_numeric(cell: str) -> bool:
+    try:
+        float(cell.replace(",", "").replace("*", "").split()[0])
+    except (ValueError, IndexError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Table:
+    """A header row plus body rows of plain strings (escaping happens at render time)."""
+
+    headers: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        def line(cells: Sequence[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+        numeric = [bool(self.rows) and all(_looks_numeric(r[k]) or r[k] == MISSING for r in self.rows)
+                   for k in range(len(self.headers))]  # fmt: skip
+        rule = "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"
+        return "\n".join([line(self.headers), rule, *(line(r) for r in self.rows)])
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
+        body = "".join(
+            "<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in self.rows
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def text(self) -> str:
+        """Fixed-width columns for a terminal."""
+        widths = [max(len(h), *(len(r[k]) for r in self.rows)) for k, h in enumerate(self.headers)]
+
+        def line(cells: Sequence[str]) -> str:
+            return "  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join([line(self.headers), rule, *(line(r) for r in self.rows)])
+
+
+def _html_cell(cell: str) -> str:
+    bold = cell.startswith("**") and cell.endswith("**") and len(cell) > 4
+    text = html.escape(cell[2:-2] if bold else cell)
+    cls = ' class="num"' if _looks_numeric(cell) else ""
+    return f"<td{cls}>{'<b>' + text + '</b>' if bold else text}</td>"
+
+
+# ------------------------------------------------------------------------------------------- metrics table
+
+# (key in metrics.json, label, explanation); the explanations are what a reader needs to judge the number.
+METRIC_ROWS: list[tuple[str, str, str]] = [
+    ("final_average_accuracy", "final average accuracy",
+     "mean score over all trained tasks after the last one; higher is better"),
+    ("average_incremental_accuracy", "average incremental accuracy",
+     "mean, over training stages, of the average score on the tasks seen so far; higher is better"),
+    ("forgetting", "forgetting",
+     "mean drop from each task's best score to its final score (last task excluded); lower is better"),
+    ("backward_transfer", "backward transfer",
+     "mean change on each task from right after learning it to the end; negative means forgetting"),
+    ("forward_transfer", "forward transfer",
+     "mean gain on each task from the earlier tasks, before training on it; higher is better"),
+    ("plasticity", "plasticity",
+     "mean score on each task right after learning it; higher is better"),
+    ("retention_drop", "retention drop",
+     "mean drop on the evaluate-only (e.g. language) tasks from initial to final; lower is better"),
+    ("linguistic_forgetting", "linguistic forgetting",
+     "harmonic mean of the retention scores, initial minus final (zeros counted as 0.001); lower is better"),
+    ("num_tasks_trained", "tasks trained", "number of tasks trained so far"),
+]  # fmt: skip
+
+
+def metric_value(metrics: Mapping[str, Any], key: str) -> Any:
+    """The scalar behind ``key``; ``retention_drop`` is stored as {"per_task", "mean"}."""
+    value = metrics.get(key)
+    if isinstance(value, Mapping):
+        return value.get("mean")
+    return value
+
+
+def _fmt_metric(metrics: Mapping[str, Any], key: str) -> str:
+    value = metric_value(metrics, key)
+    if key == "num_tasks_trained" and isinstance(value, (int, float)):
+        return str(int(value))
+    return fmt(value)
+
+
+def summary_rows(metrics: Mapping[str, Any]) -> Table:
+    """The metrics with a one-line explanation each."""
+    rows = [[label, _fmt_metric(metrics, key), why] for key, label, why in METRIC_ROWS if key in metrics]
+    return Table(["metric", "value", "what it means"], rows)
+
+
+def summary_table(metrics: Mapping[str, Any]) -> str:
+    """Markdown table of a ``metrics.json`` dict with short human explanations."""
+    return summary_rows(metrics).markdown()
+
+
+# ---------------------------------------------------------------------------------------- comparison table
+
+# (key, short header, higher is better)
+_COMPARE: list[tuple[str, str, bool]] = [
+    ("final_average_accuracy", "final acc ↑", True),
+    ("average_incremental_accuracy", "avg incr acc ↑", True),
+    ("forgetting", "forgetting ↓", False),
+    ("backward_transfer", "BWT ↑", True),
+    ("forward_transfer", "FWT ↑", True),
+    ("plasticity", "plasticity ↑", True),
+    ("retention_drop", "retention drop ↓", False),
+    ("linguistic_forgetting", "ling. forgetting ↓", False),
+]
+
+
+def _comparison(runs: Mapping[str, Mapping[str, Any]], mark: Callable[[str], str]) -> Table:
+    """One row per run label; ``mark`` decorates the best value of each column (only with 2+ runs)."""
+    labels = list(runs)
+    columns = []
+    for key, _, higher in _COMPARE:
+        values = [metric_value(runs[label], key) for label in labels]
+        present = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+        best = (max(present) if higher else min(present)) if len(present) >= 2 else None
+        columns.append([mark(fmt(v)) if best is not None and v == best else fmt(v) for v in values])
+    rows = [[label, *(col[r] for col in columns)] for r, label in enumerate(labels)]
+    return Table(["run", *(header for _, header, _ in _COMPARE)], rows)
+
+
+def comparison_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table comparing runs (e.g. sequential vs joint), one row per label, best value in bold."""
+    return _comparison(runs, lambda s: f"**{s}**").markdown()
+
+
+def comparison_text(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """The comparison as aligned plain text for a terminal; ``*`` marks the best value of each column."""
+    return _comparison(runs, lambda s: f"{s}*").text()

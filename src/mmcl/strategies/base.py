@@ -1,0 +1,93 @@
+"""The strategy interface: a continual-learning method is a small object whose hooks the engine calls.
+
+Hooks return values instead of poking at shared state; every hook has a no-op default, so a method overrides only
+what it needs. The engine calls them in this order for each task (pinned by a test):
+
+    prepare_model                      once, before the first task (wrap LoRA, freeze blocks)
+    on_task_start                      task begins (snapshot a teacher, reset buffers)
+    train_examples                     choose what this task trains on (joint, rehearsal)
+    per step: transform_batch -> task_loss -> extra_loss -> (backward, optimizer) -> after_optimizer_step
+    on_task_end                        task done (importance, merge LoRA, swap in EMA weights)
+    state_dict / load_state_dict       checkpoint round trip: tensors (safetensors) + JSON, never pickles
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from mmcl.data.batching import Example
+    from mmcl.engine.context import Context
+
+
+@dataclass
+class NoOptions:
+    """This strategy takes no options."""
+
+
+class Strategy:
+    """Base of every strategy. Subclasses set `name` (via the registry), `Config`, and capability flags."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoOptions
+    supports_full: ClassVar[bool] = True
+    """Works when the full weights of the trainable parts are trained."""
+    supports_peft: ClassVar[bool] = True
+    """Works when a PEFT adapter (LoRA, IA3) is what trains."""
+    supports_distributed: ClassVar[bool] = True
+    """Correct with several processes (DDP through Accelerate)."""
+    modalities: ClassVar[frozenset[str] | None] = None
+    """Modalities it can handle; None means all."""
+    needs_teacher: ClassVar[bool] = False
+    """Keeps a frozen copy of an earlier model (memory cost)."""
+    provides_peft: ClassVar[bool] = False
+    """Wraps the language model in a PEFT adapter; at most one per run."""
+    replaces_task_loss: ClassVar[bool] = False
+    """Computes the task loss itself (e.g. soft targets); at most one per run."""
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+    # -- hooks (no-op defaults) -------------------------------------------------------------------------------------
+    def prepare_model(self, ctx: Context) -> None:
+        """Once before training: adapt the model (e.g. wrap the language model in LoRA)."""
+
+    def on_task_start(self, ctx: Context) -> None:
+        """A task begins; `ctx.task`, `ctx.task_index` are set."""
+
+    def train_examples(self, ctx: Context, examples: list[Example]) -> list[Example]:
+        """The examples this task trains on; default: the task's own."""
+        return examples
+
+    def transform_batch(self, ctx: Context, batch: dict) -> dict:
+        """Change a training batch before the forward pass (e.g. mix in replayed samples)."""
+        return batch
+
+    def task_loss(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor | None:
+        """Replace the next-token cross-entropy (only strategies with `replaces_task_loss`)."""
+        return None
+
+    def extra_loss(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor | None:
+        """A term added to the loss (penalty, distillation), or None."""
+        return None
+
+    def after_optimizer_step(self, ctx: Context) -> None:
+        """After `optimizer.step()`, before gradients are zeroed (EMA updates read both)."""
+
+    def on_task_end(self, ctx: Context) -> None:
+        """The task's training is done; evaluation of the row follows."""
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able metadata) to checkpoint. Default: stateless."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore what `state_dict` returned."""
+
+    def describe(self) -> str:
+        doc = (type(self).__doc__ or "").strip().splitlines()
+        return doc[0] if doc else ""

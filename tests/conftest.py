@@ -1,0 +1,88 @@
+"""Test hygiene and shared fixtures: offline, temporary caches, a micro world and a micro base model (built once
+per session in a few seconds, from the same code `mmcl pretrain` runs)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_HOME = tempfile.mkdtemp(prefix="mmcl-test-home-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = os.path.join(_HOME, "hf")
+os.environ["MMCL_HOME"] = os.path.join(_HOME, "mmcl")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+MICRO_SIZES = dict(train=24, test=8, lang_train=40, align=48, image_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def micro_world() -> Path:
+    """A small built-in world (7 image tasks, 3 language skills) written once per session."""
+    from mmcl.data.synth import WorldSizes, write_world
+
+    out = Path(_HOME) / "micro-world"
+    write_world(out, seed=0, sizes=WorldSizes(**MICRO_SIZES))
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_model(micro_world) -> Path:
+    """A micro base model pre-trained on the micro world by the real `pretrain` (a couple of epochs)."""
+    from mmcl.config import TrainConfig
+    from mmcl.models.builder import TinySizes
+    from mmcl.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(
+        vocab_size=400,
+        sizes=TinySizes(hidden=32, layers=2, heads=2, intermediate=64, vision_hidden=32, vision_layers=1),
+        language=TrainConfig(epochs=2, batch_size=16, lr=3e-3),
+        align=TrainConfig(epochs=1, batch_size=16, lr=3e-3),
+    )
+    return pretrain(micro_world, Path(_HOME) / "micro-model", cfg, progress=False, log=lambda *a: None)
+
+
+@pytest.fixture
+def micro_overrides(micro_world, micro_model, tmp_path):
+    """Overrides that run the micro stream (3 tasks) on the micro model into tmp_path, fast."""
+
+    def make(name: str = "run", tasks: int = 3, **extra) -> list[str]:
+        order = ["color_qa", "shape_cls", "count", "ocr", "mcq", "grounding", "caption"]
+        o = [
+            f"name={name}",
+            f"output_dir={tmp_path / name}",
+            f"data.stream={micro_world / 'streams' / 'image.yaml'}",
+            f"model.path={micro_model}",
+            "train.batch_size=8",
+            "eval.max_new_tokens=6",
+        ]
+        if tasks < 7:
+            o.append(f"data.stream={_sub_stream(micro_world, order[:tasks], tmp_path)}")
+        return o + [f"{k}={v}" for k, v in extra.items()]
+
+    return make
+
+
+def _sub_stream(world: Path, tasks: list[str], where: Path) -> Path:
+    """A stream file naming the first few tasks of the micro world, with one retention task."""
+    import yaml
+
+    path = where / f"stream-{len(tasks)}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": f"micro-{len(tasks)}",
+        "tasks": [str(world / "tasks" / t) for t in tasks],
+        "retention": [str(world / "tasks" / "lang_arith")],
+    }))
+    return path

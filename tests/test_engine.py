@@ -1,0 +1,177 @@
+"""End-to-end runs of the engine and the CLI on the micro stream: outputs, resume, determinism, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmcl.cli import main
+from mmcl.config import ConfigError, load_config
+from mmcl.engine import checkpoint as ck
+from mmcl.engine import loop
+from mmcl.engine.loop import run
+
+pytestmark = pytest.mark.integration
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "model.safetensors"))
+
+
+def test_cli_run_writes_the_run_directory(micro_overrides, capsys):
+    overrides = micro_overrides("e2e")
+    assert main(["run", *overrides, "--no-progress"]) == 0
+    run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")))
+    out = capsys.readouterr().out
+    assert "report.md" in out
+
+    matrix = json.loads((run_dir / "matrix.json").read_text())
+    assert matrix["tasks"] == ["color_qa", "shape_cls", "count"]
+    assert matrix["retention"] == ["lang_arith"]
+    assert [r["after"] for r in matrix["rows"]] == [None, "color_qa", "shape_cls", "count"]
+    for row in matrix["rows"]:
+        assert set(row["scores"]) == {"color_qa", "shape_cls", "count", "lang_arith"}
+        assert all(0 <= v <= 100 for v in row["scores"].values())
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("final_average_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer",
+                "forward_transfer", "plasticity", "retention_drop"):
+        assert key in metrics
+    assert metrics["num_tasks_trained"] == 3
+
+    # predictions per row and task, one line per test record (micro world: 8)
+    for row in range(4):
+        for task in ("color_qa", "shape_cls", "count", "lang_arith"):
+            lines = (run_dir / "predictions" / f"row-{row:02d}" / f"{task}.jsonl").read_text().splitlines()
+            assert len(lines) == 8
+            assert set(json.loads(lines[0])) == {"id", "prompt", "prediction", "references", "score"}
+
+    cost = json.loads((run_dir / "cost.json").read_text())
+    assert cost["steps"] == 3 * 3  # 24 records / batch 8 = 3 steps per task, one epoch
+    assert cost["trainable_parameters"] > 0 and cost["total_parameters"] >= cost["trainable_parameters"]
+    assert cost["time_per_step_s"] > 0
+
+    config = load_config(run_dir / "config.yaml")
+    assert config.name == "e2e" and config.train.batch_size == 8
+
+    # one checkpoint per task boundary, pruned to the last two; only safetensors and JSON, never a pickle
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["task-02-shape_cls", "task-03-count"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "task-03-count"
+    for f in (run_dir / "checkpoints").rglob("*"):
+        if f.is_file():
+            assert f.suffix in {".safetensors", ".json", ""}, f
+            assert not ck.is_pickle(f), f
+    assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
+    assert list((run_dir / "plots").glob("*.png"))
+    assert (run_dir / "skipped.jsonl").read_text() == ""
+
+    # the metrics verb reads the matrix back
+    assert main(["metrics", str(run_dir / "matrix.json"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["final_average_accuracy"] == pytest.approx(metrics["final_average_accuracy"])
+
+
+def test_resume_after_interruption_gives_bitwise_the_same_run(micro_overrides, monkeypatch):
+    full = run(load_config(None, micro_overrides("full")), progress=False, log=lambda *a: None)
+
+    # interrupted: evaluation after task 2 dies, so the task-2 checkpoint is never written
+    real = loop.evaluate_row
+
+    def dying(ctx, row, progress):
+        if row == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(ctx, row, progress)
+
+    monkeypatch.setattr(loop, "evaluate_row", dying)
+    cfg = load_config(None, micro_overrides("cut"))
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False, log=lambda *a: None)
+    assert (cfg.run_dir / "checkpoints" / "latest").read_text().strip() == "task-01-color_qa"
+    monkeypatch.setattr(loop, "evaluate_row", real)
+    resumed = run(cfg, resume=True, progress=False, log=lambda *a: None)
+
+    a, b = json.loads((full / "matrix.json").read_text()), json.loads((resumed / "matrix.json").read_text())
+    assert a["rows"] == b["rows"]
+    wa, wb = _final_weights(full), _final_weights(resumed)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la, lb = json.loads((full / "losses.json").read_text()), json.loads((resumed / "losses.json").read_text())
+    assert la == lb
+
+
+def test_same_seed_same_run_other_seed_differs(micro_overrides):
+    quiet = dict(progress=False, log=lambda *a: None)
+    r1 = run(load_config(None, micro_overrides("s1", tasks=1)), **quiet)
+    r2 = run(load_config(None, micro_overrides("s2", tasks=1)), **quiet)
+    r3 = run(load_config(None, micro_overrides("s3", tasks=1, seed=1)), **quiet)
+    l1, l2, l3 = (json.loads((r / "losses.json").read_text()) for r in (r1, r2, r3))
+    assert l1 == l2
+    assert l1 != l3
+    w1, w2 = _final_weights(r1), _final_weights(r2)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_resume_refuses_a_different_config(micro_overrides):
+    cfg = load_config(None, micro_overrides("x", tasks=1))
+    run(cfg, progress=False, log=lambda *a: None)
+    changed = load_config(None, micro_overrides("x", tasks=1, **{"train.lr": 0.5, "seed": 3}))
+    with pytest.raises(ValueError, match=r"(?s)seed: config=3, checkpoint=0.*train.lr: config=0.5, checkpoint=0.001"):
+        run(changed, resume=True, progress=False, log=lambda *a: None)
+
+
+def test_a_second_run_into_the_same_directory_is_refused(micro_overrides):
+    cfg = load_config(None, micro_overrides("twice", tasks=1))
+    run(cfg, progress=False, log=lambda *a: None)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(cfg, progress=False, log=lambda *a: None)
+
+
+def test_bad_records_stop_the_run_before_training(micro_overrides, micro_world, tmp_path):
+    task = tmp_path / "broken"
+    task.mkdir()
+    src = micro_world / "tasks" / "color_qa"
+    (task / "task.yaml").write_text((src / "task.yaml").read_text().replace("data_root: .", f"data_root: {src}"))
+    lines = (src / "train.jsonl").read_text().splitlines()
+    lines[2] = "{not json"
+    rec = json.loads(lines[4])
+    rec["conversations"][1]["value"] = " "
+    lines[4] = json.dumps(rec)
+    (task / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (task / "test.jsonl").write_text((src / "test.jsonl").read_text())
+    stream = tmp_path / "s.yaml"
+    stream.write_text(f"name: s\ntasks: [{task}]\n")
+    overrides = micro_overrides("bad", tasks=1) + [f"data.stream={stream}"]
+    with pytest.raises(Exception, match=r"(?s)train.jsonl:3: invalid JSON.*train.jsonl:5: conversations\[1\] is an empty"):
+        run(load_config(None, overrides), progress=False, log=lambda *a: None)
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+    # skip policy: the run completes and lists exactly the skipped records
+    overrides += ["data.on_bad_record=skip", "data.max_bad_fraction=0.2", "output_dir=" + str(tmp_path / "skip")]
+    run_dir = run(load_config(None, overrides), progress=False, log=lambda *a: None)
+    skipped = [json.loads(line) for line in (run_dir / "skipped.jsonl").read_text().splitlines()]
+    assert [s["line"] for s in skipped] == [3, 5]
+    assert json.loads((run_dir / "cost.json").read_text())["samples"] == 22
+
+
+def test_lora_and_joint_compose_and_run(micro_overrides):
+    run_dir = run(load_config(None, micro_overrides("lj", tasks=2, strategies="[lora,joint]")), progress=False,
+                  log=lambda *a: None)
+    cost = json.loads((run_dir / "cost.json").read_text())
+    assert cost["trainable_parameters"] < cost["total_parameters"] / 2  # LoRA + projector only
+    assert cost["steps"] == 3 + 6  # joint trains task 2 on both tasks' data
+    weights = _final_weights(run_dir)
+    assert any("lora_A" in k for k in weights)
+
+
+def test_unknown_strategy_and_bad_composition_are_refused_before_training(micro_overrides):
+    with pytest.raises(ConfigError, match="unknown strategy 'ewk'"):
+        run(load_config(None, micro_overrides("u", strategies="[ewk]")), progress=False, log=lambda *a: None)
+    with pytest.raises(ConfigError, match="strategies.lora.rank: unknown key; valid keys: r, alpha"):
+        run(load_config(None, micro_overrides("u2", strategies="[lora]") + ["strategies.lora.rank=4"]),
+            progress=False, log=lambda *a: None)

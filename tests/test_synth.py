@@ -1,0 +1,214 @@
+"""Tests of the built-in offline world generator (mmcl.data.synth)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from mmcl.data.synth import WorldSizes, world_texts, write_world
+from mmcl.data.synth.shapes import BACKGROUNDS
+from mmcl.data.synth.text_tasks import knowledge_base
+
+SMALL = WorldSizes(train=8, test=8, lang_train=12, align=6, image_size=32)
+STREAM = ["color_qa", "shape_cls", "count", "ocr", "mcq", "grounding", "caption"]
+RETENTION = ["lang_arith", "lang_facts", "lang_order"]
+ALL_TASKS = STREAM + RETENTION + ["align"]
+MANIFEST_KEYS = ["name", "modality", "type", "scorer", "description", "data_root", "splits", "max_new_tokens"]
+SCORERS = {"exact_match", "vqa_accuracy", "option_letter", "box_iou", "cider", "classification"}
+TYPES = {"qa", "mcq", "caption", "grounding", "classification"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("w") / "world"
+    write_world(out, seed=3, sizes=SMALL)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _records(world: Path, task: str, split: str) -> list[dict]:
+    lines = (world / "tasks" / task / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    iw, ih = max(0.0, min(a[2], b[2]) - max(a[0], b[0])), max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_same_seed_gives_identical_bytes(world: Path, tmp_path: Path) -> None:
+    again = write_world(tmp_path / "again", seed=3, sizes=SMALL).parent
+    first, second = _files(world), _files(again)
+    assert sorted(first) == sorted(second)
+    assert len(first) > 100
+    assert [k for k in first if first[k] != second[k]] == []
+
+
+def test_different_seed_differs(world: Path, tmp_path: Path) -> None:
+    other = _files(write_world(tmp_path / "other", seed=4, sizes=SMALL).parent)
+    first = _files(world)
+    changed = [k for k in first if first[k] != other.get(k)]
+    assert any(k.endswith(".png") for k in changed)
+    assert any(k.endswith(".jsonl") for k in changed)
+
+
+def test_world_json_and_stream(world: Path) -> None:
+    meta = json.loads((world / "world.json").read_text(encoding="utf-8"))
+    assert meta["format"] == "mmcl-world" and meta["version"] == 1 and meta["seed"] == 3
+    assert meta["sizes"] == {"train": 8, "test": 8, "lang_train": 12, "align": 6, "image_size": 32}
+    assert meta["pretrain"] == {"text": [f"tasks/{t}" for t in RETENTION], "align": ["tasks/align"]}
+    stream_file = world / meta["streams"]["image"]
+    stream = yaml.safe_load(stream_file.read_text(encoding="utf-8"))
+    assert stream["name"] == "image"
+    assert [Path(t).name for t in stream["tasks"]] == STREAM
+    assert [Path(t).name for t in stream["retention"]] == RETENTION
+    for rel in stream["tasks"] + stream["retention"]:
+        assert (stream_file.parent / rel / "task.yaml").is_file(), rel
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_manifest(world: Path, task: str) -> None:
+    manifest = yaml.safe_load((world / "tasks" / task / "task.yaml").read_text(encoding="utf-8"))
+    assert list(manifest) == MANIFEST_KEYS
+    assert manifest["name"] == task
+    assert manifest["modality"] == ("text" if task.startswith("lang_") else "image")
+    assert manifest["type"] in TYPES and manifest["scorer"] in SCORERS
+    assert manifest["data_root"] == "."
+    assert manifest["splits"] == {"train": "train.jsonl", "test": "test.jsonl"}
+    longest = max(len(r["conversations"][1]["value"]) for s in ("train", "test") for r in _records(world, task, s))
+    assert manifest["max_new_tokens"] >= longest + 2
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_records(world: Path, task: str) -> None:
+    is_text = task.startswith("lang_")
+    n_train = SMALL.lang_train if is_text else SMALL.align if task == "align" else SMALL.train
+    ids = set()
+    for split, n in (("train", n_train), ("test", SMALL.test)):
+        recs = _records(world, task, split)
+        assert len(recs) == n
+        for rec in recs:
+            assert list(rec) == (["id", "conversations", "answers"] if is_text else
+                                 ["id", "image", "conversations", "answers"])
+            ids.add(rec["id"])
+            human, gpt = rec["conversations"]
+            assert (human["from"], gpt["from"]) == ("human", "gpt")
+            assert human["value"] and gpt["value"]
+            assert rec["answers"] and all(isinstance(a, str) and a for a in rec["answers"])
+            assert gpt["value"] == rec["answers"][0]
+            texts = human["value"] + gpt["value"] + " ".join(rec["answers"])
+            if is_text:
+                assert "<image>" not in texts
+            else:
+                assert texts.count("<image>") == 1 and human["value"].startswith("<image>\n")
+                with Image.open(world / "tasks" / task / rec["image"]) as img:
+                    assert img.format == "PNG" and img.size == (SMALL.image_size, SMALL.image_size)
+    assert len(ids) == n_train + SMALL.test
+
+
+def test_answer_lists(world: Path) -> None:
+    for rec in _records(world, "count", "test"):
+        assert len(rec["answers"]) == 10
+        assert rec["answers"].count(rec["conversations"][1]["value"]) >= 8
+    for rec in _records(world, "caption", "test"):
+        assert len(set(rec["answers"])) == 3
+
+
+def test_grounding_boxes_match_drawn_shape(world: Path) -> None:
+    bg = np.array(BACKGROUNDS)
+    for split in ("train", "test"):
+        for rec in _records(world, "grounding", split):
+            box = json.loads(rec["conversations"][1]["value"])
+            assert len(box) == 4 and all(0.0 <= v <= 1.0 for v in box)
+            assert box[0] < box[2] and box[1] < box[3]
+            pix = np.asarray(Image.open(world / "tasks" / "grounding" / rec["image"]).convert("RGB"))
+            shape = ~(pix[:, :, None, :] == bg[None, None]).all(-1).any(-1)
+            ys, xs = np.nonzero(shape)
+            size = SMALL.image_size
+            true = [xs.min() / size, ys.min() / size, (xs.max() + 1) / size, (ys.max() + 1) / size]
+            assert _iou(box, true) >= 0.7, (rec["id"], box, true)
+
+
+def test_mcq_gold_letters_cover_all_options(world: Path) -> None:
+    for split in ("train", "test"):
+        letters = set()
+        for rec in _records(world, "mcq", split):
+            gold = rec["conversations"][1]["value"]
+            options = re.findall(r"^([A-D])\. (\w+)$", rec["conversations"][0]["value"], flags=re.M)
+            assert [o[0] for o in options] == list("ABCD")
+            assert len({o[1] for o in options}) == 4
+            letters.add(gold)
+        assert letters == set("ABCD")
+
+
+def test_language_answers_are_correct(world: Path) -> None:
+    for rec in _records(world, "lang_arith", "train") + _records(world, "lang_arith", "test"):
+        a, op, b = re.fullmatch(r"What is (\d) (plus|minus) (\d)\?", rec["conversations"][0]["value"]).groups()
+        result = int(a) + int(b) if op == "plus" else int(a) - int(b)
+        assert result >= 0 and rec["conversations"][1]["value"] == str(result)
+    for rec in _records(world, "lang_order", "test"):
+        words = rec["conversations"][0]["value"].removeprefix("Reverse the words: ").split()
+        assert 2 <= len(words) <= 4 and rec["conversations"][1]["value"] == " ".join(reversed(words))
+    kb = knowledge_base(3)
+    train_q = {r["conversations"][0]["value"] for r in _records(world, "lang_facts", "train")}
+    for rec in _records(world, "lang_facts", "test"):
+        question = rec["conversations"][0]["value"]
+        assert question not in train_q
+        name = re.search(r"a (\w+)( have)?\?$", question).group(1)
+        assert rec["conversations"][1]["value"] in kb[name].values()
+
+
+def test_knowledge_base_depends_on_seed() -> None:
+    assert len(knowledge_base(0)) == 30
+    assert knowledge_base(0) == knowledge_base(0)
+    assert knowledge_base(0) != knowledge_base(1)
+
+
+def test_world_texts_cover_every_turn_with_small_vocabulary(world: Path) -> None:
+    texts = list(world_texts(world))
+    assert all(isinstance(t, str) and t for t in texts)
+    for task in ALL_TASKS:
+        for rec in _records(world, task, "test"):
+            assert rec["conversations"][0]["value"] in texts and rec["conversations"][1]["value"] in texts
+    words = {w for t in texts for w in t.split()}
+    assert 50 < len(words) < 400
+
+
+def test_refuses_non_empty_foreign_dir(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        write_world(tmp_path, sizes=SMALL)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_rewrites_existing_world_and_accepts_empty_dir(tmp_path: Path) -> None:
+    target = tmp_path / "empty"
+    target.mkdir()
+    write_world(target, seed=0, sizes=SMALL)
+    before = _files(target)
+    (target / "tasks" / "stale.txt").write_text("old")
+    assert write_world(target, seed=0, sizes=SMALL) == target / "world.json"
+    assert _files(target) == before
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"train": 0}, "train must be a positive int"),
+    ({"test": -1}, "test must be a positive int"),
+    ({"lang_train": 2.5}, "lang_train must be a positive int"),
+    ({"align": True}, "align must be a positive int"),
+    ({"image_size": 8}, "image_size must be between 16 and 512"),
+    ({"image_size": 513}, "image_size must be between 16 and 512"),
+])
+def test_sizes_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WorldSizes(**kwargs)
