@@ -158,7 +158,10 @@ def _iter_raw(path: Path):
     """Yield (line number, parsed object or exception) for a JSONL file or a JSON list file."""
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield 1, ValueError(f"not valid UTF-8 (byte {e.start})")
+            return
         except json.JSONDecodeError as e:
             yield e.lineno, ValueError(f"invalid JSON: {e.msg} (column {e.colno})")
             return
@@ -168,8 +171,13 @@ def _iter_raw(path: Path):
         # A JSON list has no line per record; report the 1-based record number instead.
         yield from enumerate(data, 1)
         return
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, ValueError(f"not valid UTF-8 (byte {e.start} of the line)")
+                continue
             if not line.strip():
                 continue
             try:
@@ -180,6 +188,8 @@ def _iter_raw(path: Path):
 
 def resolve_media(root: Path, rel: str, allow_outside_root: bool) -> Path:
     """Resolve a media path, refusing absolute paths and paths (or symlinks) that leave the data root."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError(f"media path must be a non-empty string, got {rel!r}")
     p = Path(rel)
     if p.is_absolute() and not allow_outside_root:
         raise ValueError(f"media path {rel!r} is absolute; paths must be relative to the data root {root}")
@@ -261,7 +271,7 @@ def _check_record(obj, task: Task, seen: set[str]) -> str | None:
         return str(obj)
     if not isinstance(obj, dict):
         return f"a record must be a JSON object, got {type(obj).__name__}"
-    if "id" not in obj or not str(obj["id"]).strip():
+    if obj.get("id") is None or not str(obj["id"]).strip():
         return "missing 'id'"
     if str(obj["id"]) in seen:
         return f"duplicate id {obj['id']!r}"

@@ -58,10 +58,10 @@ class ConversationFormat:
         self.tok = tokenizer
         self.num_tokens = num_tokens
         self.ids = {m: tokenizer.convert_tokens_to_ids(p) for m, p in PLACEHOLDERS.items() if m in num_tokens}
+        self._cache: dict[str, list[int]] = {}
         self.cue_ids = {m: self._ids(c) for m, c in cues.items() if c}
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.eos = tokenizer.eos_token_id
-        self._cache: dict[str, list[int]] = {}
 
     def _ids(self, text: str) -> list[int]:
         if text not in self._cache:

@@ -1,4 +1,10 @@
-"""Continual-learning strategies: one file per method behind the hooks of `Strategy`, found through the registry."""
+"""Continual-learning strategies: one file per method behind the hooks of `Strategy`, found through the registry.
+
+Every module in this package is imported here, so a new method is one new file with a `@register_strategy` class.
+"""
+
+import importlib
+import pkgutil
 
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.registry import (
@@ -9,7 +15,8 @@ from mmcl.strategies.registry import (
     register_strategy,
 )
 
-# Importing a strategy module registers it.
-from mmcl.strategies import joint, lora, sequential  # noqa: E402,F401  isort: skip
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name not in ("base", "registry") and not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = ["Strategy", "build_strategies", "check_composition", "get_strategy", "list_strategies", "register_strategy"]
