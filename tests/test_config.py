@@ -292,3 +292,11 @@ def test_field_help_of_a_small_dataclass() -> None:
         ("strategies.foo.tags", "[]", ""),
         ("strategies.foo.ratio", "None", ""),
     ]
+
+
+def test_presets_expand_to_their_strategies_and_take_options():
+    from mmcl.config import load_config
+
+    cfg = load_config(None, ["strategies=[msgm_rehearsal]", "strategies.lora.r=4"])
+    assert [s.name for s in cfg.strategies] == ["lora", "soft_targets", "rehearsal"]
+    assert cfg.strategies[0].options == {"r": 4}

@@ -175,3 +175,59 @@ def test_unknown_strategy_and_bad_composition_are_refused_before_training(micro_
     with pytest.raises(ConfigError, match="strategies.lora.rank: unknown key; valid keys: r, alpha"):
         run(load_config(None, micro_overrides("u2", strategies="[lora]") + ["strategies.lora.rank=4"]),
             progress=False, log=lambda *a: None)
+
+
+def test_stream_runs_from_a_saved_llava_checkpoint(micro_overrides, micro_model, tmp_path):
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(micro_model / "tokenizer")
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    llava_dir = tmp_path / "llava-tiny"
+    LlavaForConditionalGeneration(cfg).save_pretrained(llava_dir)
+    tok.save_pretrained(llava_dir)
+    before = {p.name: p.read_bytes() for p in llava_dir.iterdir()}
+
+    run_dir = run(load_config(None, micro_overrides("from-llava", tasks=1) + [f"model.path={llava_dir}"]),
+                  progress=False, log=lambda *a: None)
+    matrix = json.loads((run_dir / "matrix.json").read_text())
+    assert [r["after"] for r in matrix["rows"]] == [None, "color_qa"]
+    assert json.loads((run_dir / "cost.json").read_text())["steps"] == 3
+    # the base model's files are never modified
+    assert {p.name: p.read_bytes() for p in llava_dir.iterdir()} == before
+
+    with pytest.raises(ConfigError, match="inside the base model's directory"):
+        run(load_config(None, micro_overrides("inside", tasks=1) + [f"model.path={llava_dir}",
+                                                                     f"output_dir={llava_dir / 'runs'}"]),
+            progress=False, log=lambda *a: None)
+
+
+def test_compare_aggregates_methods_over_seeds_and_skips_finished_runs(micro_overrides, tmp_path, capsys):
+    overrides = [o for o in micro_overrides("cmp", tasks=2) if not o.startswith(("name=", "output_dir="))]
+    overrides += ["train.max_steps=1", "eval.retention=false"]
+    args = ["compare", *overrides, "--methods", "sequential,lora+joint", "--seeds", "0,1", "--out",
+            str(tmp_path / "cmp"), "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert list(summary) == ["sequential", "lora+joint"]
+    for label in summary:
+        assert summary[label]["final_average_accuracy"]["n"] == 2
+        assert summary[label]["trainable_parameters"]["mean"] > 0
+    # the mean over seeds is the mean of the two runs' metrics
+    finals = [json.loads((tmp_path / "cmp" / "sequential" / f"seed-{s}" / "metrics.json").read_text())
+              ["final_average_accuracy"] for s in (0, 1)]
+    assert summary["sequential"]["final_average_accuracy"]["mean"] == pytest.approx(sum(finals) / 2)
+    assert "| sequential |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert (tmp_path / "cmp" / "accuracy_vs_forgetting.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(args) == 0  # a re-run skips the four complete runs
+    assert capsys.readouterr().out.count("complete, skipped") == 4

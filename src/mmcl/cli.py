@@ -88,6 +88,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from mmcl.compare import parse_methods, run_comparison
+
+    overrides = list(args.overrides)
+    config = args.config
+    if config and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)
+        config = None
+    seeds = [int(s) for s in args.seeds.split(",")]
+    orders = [[t for t in o.split(",") if t] for o in args.orders.split(";")] if args.orders else [None]
+    out = run_comparison(None, config, overrides, parse_methods(args.methods), seeds, orders, Path(args.out),
+                         progress=not args.no_progress)
+    print(f"comparison: {out / 'comparison.md'}")
+    return 0
+
+
 def cmd_synth(args) -> int:
     from mmcl.data.synth import WorldSizes, write_world
 
@@ -155,6 +171,11 @@ def cmd_list(args) -> int:
         print("strategies:")
         for name in list_strategies():
             print(f"  {name:<22} {get_strategy(name)().describe()}")
+        from mmcl.config import PRESETS
+
+        print("compositions (expand to a list of strategies):")
+        for name, parts in PRESETS.items():
+            print(f"  {name:<22} [{', '.join(parts)}]")
     if what in (None, "scorers"):
         print("scorers:\n  " + ", ".join(list_scorers()))
     if what in (None, "tasks"):
@@ -202,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="YAML recipe (optional: defaults + overrides also work)")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR after its last complete checkpoint")
+
+    c = add("compare", "run several methods (x seeds x task orders) from the same base and compare them", cmd_compare,
+            description="Run each method on the same stream and base for every seed and task order, then write "
+            "comparison.md / comparison.json (mean ± std of every metric, time per step, peak memory, trainable "
+            "parameters, extra state) and an accuracy-vs-forgetting plot. Completed runs are skipped on a re-run.",
+            epilog="example:\n  mmcl compare configs/image/base.yaml --methods sequential,lora,ewc,lora+soft_targets "
+            "--seeds 0,1 --out runs/cmp")
+    c.add_argument("config", nargs="?", help="YAML recipe shared by every run (optional)")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    c.add_argument("--methods", required=True, help="comma-separated; '+' composes, e.g. sequential,lora+ewc")
+    c.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    c.add_argument("--orders", help="task orders separated by ';', tasks by ',' (default: the stream's order)")
+    c.add_argument("--out", required=True, help="output directory")
 
     d = add("demo", "sequential vs joint on the built-in image stream: see forgetting and the upper bound", cmd_demo,
             description="Run the built-in image stream with `sequential` and with `joint` from the same base model "

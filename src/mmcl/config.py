@@ -17,6 +17,13 @@ from typing import Any, Literal
 import yaml
 
 
+# Named compositions from the papers: each name expands to a list of strategies (P1's mSGM and mSGM + R).
+PRESETS: dict[str, list[str]] = {
+    "msgm": ["lora", "soft_targets"],
+    "msgm_rehearsal": ["lora", "soft_targets", "rehearsal"],
+}
+
+
 class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the field and the fix."""
 
@@ -164,7 +171,9 @@ def _parse_strategies(value: Any, where: str) -> list[StrategySpec]:
         raise ConfigError(f"{where}: expected a list of strategy names, e.g. [sequential] or [lora, ewc]")
     specs = []
     for i, item in enumerate(value):
-        if isinstance(item, str):
+        if isinstance(item, str) and item in PRESETS:
+            specs += [StrategySpec(name) for name in PRESETS[item]]
+        elif isinstance(item, str):
             specs.append(StrategySpec(item))
         elif isinstance(item, dict) and len(item) == 1:
             (name, opts), = item.items()
@@ -262,7 +271,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
             kwargs[name] = _parse_strategies(data[name], key)
         else:
             kwargs[name] = _coerce(data[name], hints[name], key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a dataclass's own __post_init__ check: prefix where it came from
+        raise ConfigError(f"{where or 'config'}: {e}") from e
 
 
 def _parse_scalar(text: str) -> Any:
