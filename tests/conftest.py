@@ -17,6 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tiny models: one thread is faster than two contending ones (and steadier on a busy 2-core CI machine).
+torch.set_num_threads(1)
+
 MICRO_SIZES = dict(train=24, test=8, lang_train=40, align=48, image_size=32)
 
 

@@ -142,7 +142,7 @@ def test_unknown_key_suggests_the_close_match(override: str, message: str) -> No
 
 
 def test_unknown_key_without_close_match_lists_valid_keys() -> None:
-    with pytest.raises(ConfigError, match=r"checkpoint\.zzzzz: unknown key; valid keys: keep_last$"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.zzzzz: unknown key; valid keys: keep_last, every_steps$"):
         load_config(None, ["checkpoint.zzzzz=1"])
 
 

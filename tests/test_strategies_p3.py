@@ -239,12 +239,12 @@ def test_regularizers_lwf_and_reservoir_replay_run_and_resume_exactly(micro_over
     captured = {}
     real = loop.ck.save_checkpoint
 
-    def dying(root, name, tensors, state, keep_last=0):
+    def dying(root, name, tensors, state, **kwargs):
         if name.startswith("task-02"):
             captured["tensors"] = {g: {k: v.detach().clone() for k, v in t.items()} for g, t in tensors.items()}
             captured["state"] = json.loads(json.dumps(state))
             raise KeyboardInterrupt("simulated crash")
-        return real(root, name, tensors, state, keep_last=keep_last)
+        return real(root, name, tensors, state, **kwargs)
 
     monkeypatch.setattr(loop.ck, "save_checkpoint", dying)
     cfg = load_config(None, micro_overrides("cut", tasks=2, **extra))

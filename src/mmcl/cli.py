@@ -286,9 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_hf()
     from mmcl.config import ConfigError
     from mmcl.data.records import DataError
+    from mmcl.engine.loop import PREEMPTED_EXIT_CODE
+    from mmcl.engine.train import Preempted
 
     try:
         return args.func(args)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except (ConfigError, DataError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -99,6 +99,9 @@ class EvalConfig:
 class CheckpointConfig:
     keep_last: int = 2
     """Task-boundary checkpoints to keep (0 keeps all). The latest complete one is never pruned."""
+    every_steps: int = 0
+    """Also checkpoint every N optimizer steps inside a task (0: only at task boundaries); a resume then continues
+    mid-task with exactly the batches an uninterrupted run would use. SIGTERM always writes one."""
 
 
 @dataclass

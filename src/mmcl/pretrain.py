@@ -1,9 +1,11 @@
 """`mmcl pretrain`: build the tiny base model the built-in stream starts from.
 
 Two stages, as in the LLaVA recipe seen as continual learning (P1): (1) the language model learns the world's
-language skills (text only); (2) alignment on image captions with the language model frozen (LLaVA stage 1). The
-tiny vision tower has no pretrained weights to borrow, so stage 2 trains it together with the projector. The
-model's scores on the language skills are saved with it, so a user can see it has skills to lose.
+language skills (text only); (2) vision-language alignment on image captions (LLaVA stage 1). Unlike a real LLM,
+the tiny language model has never seen caption language and the tiny vision tower has no pretrained weights, so
+stage 2 trains the tower, the projector and the language model together, with the language-skill records mixed
+in so the skills are kept. The model's scores on the language skills are saved with it, so a user can see it has
+skills to lose.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import torch
 from accelerate import Accelerator
 
 from mmcl.config import TrainConfig
-from mmcl.data.batching import Collator, MediaLoader, encode_records
+from mmcl.data.batching import Collator, encode_records
 from mmcl.data.records import DataError, format_problems, load_task, read_records
 from mmcl.engine.train import fit
 from mmcl.eval.generate import evaluate_task
-from mmcl.models.builder import TinySizes, build_tiny, conversation_format, load_image, save_model
+from mmcl.models.builder import TinySizes, build_tiny, conversation_format, media_loader, save_model
 from mmcl.models.tokenizer import ASSISTANT, USER, train_bpe_tokenizer
 
 
@@ -34,7 +36,7 @@ class PretrainConfig:
     vocab_size: int = 1024
     sizes: TinySizes = field(default_factory=TinySizes)
     language: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_ratio=0.05))
-    align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=2e-3, warmup_ratio=0.05))
+    align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=32, lr=1e-3, warmup_ratio=0.05))
     eval_batch_size: int = 128
 
 
@@ -57,8 +59,7 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     tokenizer = train_bpe_tokenizer(chain(world_texts(world), [f"{USER} {ASSISTANT}"] * 1000), cfg.vocab_size)
     model = build_tiny(tokenizer, cfg.sizes, seed=cfg.seed)
     fmt = conversation_format(model, tokenizer)
-    media = MediaLoader(model.modalities)
-    media.register("image", load_image)
+    media = media_loader(model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model.to(accelerator.device)
     collate = Collator(tokenizer.pad_token_id, media)
@@ -74,13 +75,11 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     log(f"pretrain 1/2: language skills on {len(text)} records ({', '.join(t.name for t in text_tasks)})")
     r1 = fit(model, text, collate, cfg.language, accelerator, seed=cfg.seed, label="language", progress=progress)
 
-    # stage 2: alignment (LLaVA stage 1): language model frozen
+    # stage 2: alignment, everything trained, language skills mixed in (see the module docstring)
     for p in model.parameters():
         p.requires_grad_(True)
-    for p in model.language_model.parameters():
-        p.requires_grad_(False)
-    align = [e for t in align_tasks for e in encode_records(_records(t, "train"), fmt, t.name)]
-    log(f"pretrain 2/2: vision-language alignment on {len(align)} captions")
+    align = [e for t in align_tasks for e in encode_records(_records(t, "train"), fmt, t.name)] + text
+    log(f"pretrain 2/2: vision-language alignment on {len(align) - len(text)} captions (+ language skills)")
     r2 = fit(model, align, collate, cfg.align, accelerator, seed=cfg.seed + 1, label="align", progress=progress)
 
     scores = {}

@@ -75,6 +75,7 @@ def save_checkpoint(
     tensors: dict[str, dict[str, torch.Tensor]],
     state: dict,
     keep_last: int = 0,
+    protect: set[str] | None = None,
 ) -> Path:
     """Atomically write checkpoint `name` (one safetensors file per entry of `tensors`, plus state.json)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ def save_checkpoint(
     (ckpt_root / ".latest.tmp").write_text(name + "\n")
     os.replace(ckpt_root / ".latest.tmp", ckpt_root / "latest")
     if keep_last:
-        prune(ckpt_root, keep_last, protect={name})
+        prune(ckpt_root, keep_last, protect={name} | (protect or set()))
     return final
 
 
@@ -172,11 +173,22 @@ def latest_valid(ckpt_root: Path, warn=print) -> tuple[Path, dict] | None:
 
 
 def prune(ckpt_root: Path, keep_last: int, protect: set[str]) -> None:
-    """Delete all but the newest `keep_last` checkpoints, never one named in `protect` or in `latest`."""
+    """Keep the newest `keep_last` task-boundary checkpoints and the newest mid-task one; never delete one named in
+    `protect` or in `latest`."""
     latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").exists() else None
     keep = set(protect) | ({latest} if latest else set())
-    for d in list_checkpoints(ckpt_root)[keep_last:]:
+    found = list_checkpoints(ckpt_root)
+    boundary = [d for d in found if "-step-" not in d.name]
+    mid = [d for d in found if "-step-" in d.name]
+    for d in boundary[keep_last:] + mid[1:]:
         if d.name not in keep:
+            shutil.rmtree(d)
+
+
+def remove_mid_task(ckpt_root: Path, keep: set[str]) -> None:
+    """Delete mid-task checkpoints once their task's boundary checkpoint exists (except protected ones)."""
+    for d in list_checkpoints(ckpt_root):
+        if "-step-" in d.name and d.name not in keep:
             shutil.rmtree(d)
 
 

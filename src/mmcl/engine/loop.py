@@ -15,19 +15,19 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from mmcl.config import RunConfig
-from mmcl.data.batching import MediaLoader
+from mmcl.config import ConfigError, RunConfig
 from mmcl.data.records import DataError, Problem, Stream, format_problems, read_records
 from mmcl.engine import checkpoint as ck
 from mmcl.engine.context import Context
-from mmcl.engine.train import StepHooks, fit
+from mmcl.engine.train import Preempted, ResumePoint, StepHooks, fit
 from mmcl.eval.generate import evaluate_task
 from mmcl.eval.metrics import compute_metrics
-from mmcl.models.builder import conversation_format, count_parameters, load_image
+from mmcl.models.builder import conversation_format, count_parameters, media_loader
 from mmcl.strategies import Strategy, build_strategies, check_composition
 
 # Config fields that may differ on resume without changing what the run computes.
-HARMLESS_ON_RESUME = {"name", "output_dir", "checkpoint.keep_last", "eval.batch_size"}
+HARMLESS_ON_RESUME = {"name", "output_dir", "checkpoint.keep_last", "checkpoint.every_steps", "eval.batch_size"}
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers (SLURM) expect from a job that stopped on SIGTERM
 
 
 class StrategyError(RuntimeError):
@@ -186,8 +186,42 @@ def set_trainable(model: torch.nn.Module, parts: list[str]) -> None:
             p.requires_grad_(True)
 
 
+class StopRequest:
+    """Turns SIGTERM into a flag the training loop checks after each step; later signals are ignored, so a second
+    SIGTERM cannot interrupt the checkpoint being written. The previous handler is restored on exit."""
+
+    def __init__(self, log=print):
+        self.requested = False
+        self.log = log
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.log("SIGTERM: finishing the current step, then writing a checkpoint")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, log=print) -> Path:
     """Run a continual stream end to end and return the run directory."""
+    with StopRequest(log) as stop:
+        return _run(cfg, resume, progress, log, stop)
+
+
+def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -> Path:
     from mmcl.builtin import resolve_model, resolve_stream
 
     t0 = time.perf_counter()
@@ -209,27 +243,39 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, log=prin
     strategies = build_strategies(cfg.strategies)
     check_composition(strategies, modalities={t.modality for t in stream.all_tasks if t.modality != "text"},
                       num_processes=accelerator.num_processes)
+    no_mid = [s.name for s in strategies if not s.supports_mid_task_resume]
+    if cfg.checkpoint.every_steps and no_mid:
+        raise ConfigError(f"checkpoint.every_steps: {no_mid} cannot resume inside a task; use 0 (task boundaries)")
     set_trainable(model, cfg.model.train)
-    media = MediaLoader(model.modalities)
-    media.register("image", load_image)
-    ctx = Context(cfg, accelerator, model, tokenizer, conversation_format(model, tokenizer), stream, run_dir, media,
-                  records)
+    ctx = Context(cfg, accelerator, model, tokenizer, conversation_format(model, tokenizer), stream, run_dir,
+                  media_loader(model), records)
     call(strategies, "prepare_model", ctx)
 
     rows: list[dict] = []
     cost = Cost()
-    start_task = 0
+    start_task, mid = 0, None
+    protect: set[str] = set()
     if resume:
         found = ck.latest_valid(ckpt_root, warn=say)
         if found is None:
             raise ck.CheckpointError(f"no valid checkpoint in {ckpt_root} to resume from")
         path, state = found
+        protect.add(path.name)  # never pruned while this run goes on
         check_resume_config(state["config"], cfg.to_dict(), log=say)
         tensors, state = ck.load_checkpoint(path)
-        _restore(ctx, strategies, tensors, state)
-        rows, start_task = state["rows"], state["task_index"] + 1
+        rows = state["rows"]
         cost = Cost(**{k: v for k, v in state["cost"].items() if k in Cost.__dataclass_fields__})
-        say(f"resuming {run_dir} after task {start_task} ({stream.tasks[start_task - 1].name}) from {path.name}")
+        if state.get("mid_task"):
+            start_task = state["task_index"]
+            ctx.task_index = start_task
+            seed_everything(task_seed(cfg.seed, start_task))
+            call(strategies, "on_task_start", ctx)  # rebuilds per-task structure (e.g. a fresh adapter) first
+            mid = _resume_point(tensors, state)
+        else:
+            start_task = state["task_index"] + 1
+        _restore(ctx, strategies, tensors, state)
+        where = f"inside task {start_task + 1} at step {mid.step}" if mid else f"after task {start_task}"
+        say(f"resuming {run_dir} {where} from checkpoint {path.name}")
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.dump())
@@ -243,29 +289,57 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, log=prin
         cost.eval_time_s += time.perf_counter() - t
         _write_results(ctx, rows, cost, main)
 
+    def save(name: str, order: int, extra: dict, extra_tensors: dict | None = None) -> None:
+        if main:
+            strategy_tensors, strategy_meta = _strategy_state(strategies)
+            cost.extra_state_bytes = sum(v.numel() * v.element_size() for v in strategy_tensors.values())
+            ck.save_checkpoint(
+                ckpt_root, name, {"model": model.state_dict(), "strategies": strategy_tensors, **(extra_tensors or {})},
+                {"order": order, "rows": rows, "config": cfg.to_dict(), "strategies": strategy_meta,
+                 "cost": cost.to_json() | {"losses": cost.losses}, **extra},
+                keep_last=cfg.checkpoint.keep_last, protect=protect,
+            )
+        accelerator.wait_for_everyone()
+
     for index in range(start_task, len(stream.tasks)):
-        ctx.task_index, ctx.task_step = index, 0
+        ctx.task_index = index
         task = stream.tasks[index]
-        seed_everything(task_seed(cfg.seed, index))
-        call(strategies, "on_task_start", ctx)
+        if mid is None:
+            seed_everything(task_seed(cfg.seed, index))
+            call(strategies, "on_task_start", ctx)
         examples = ctx.train_examples(task.name)
         for s in strategies:
             examples = call([s], "train_examples", ctx, examples)[0]
         trainable, total = count_parameters(model)
         cost.trainable_parameters = max(cost.trainable_parameters, trainable)
         cost.total_parameters = total
+        ctx.task_step = mid.step if mid else 0
 
         def on_step(step: int, loss: float) -> None:
             ctx.step += 1
             ctx.task_step = step + 1
 
+        def on_checkpoint(state, index=index, task=task) -> None:
+            cost.losses[task.name] = state.losses
+            opt_tensors, opt_meta = _optimizer_state(state.optimizer)
+            save(f"task-{index + 1:02d}-{task.name}-step-{state.step:06d}", index * 1_000_000 + state.step,
+                 {"mid_task": True, "task_index": index, "task": task.name, "task_step": state.step,
+                  "optimizer": opt_meta, "scheduler": state.scheduler, "losses_in_task": state.losses,
+                  "samples_in_task": state.samples, "skipped_in_task": state.skipped_steps},
+                 {"optimizer": opt_tensors, "rng": {"torch": state.rng}})
+            say(f"checkpoint inside {task.name} at step {state.step}")
+
         result = fit(
             model, examples, ctx.collator(), cfg.train, accelerator,
             seed=task_seed(cfg.seed, index, purpose=1), hooks=_step_hooks(ctx, strategies),
             label=f"task {index + 1}/{len(stream.tasks)} {task.name}", progress=progress, on_step=on_step,
+            resume=mid, checkpoint_every=cfg.checkpoint.every_steps,
+            on_checkpoint=on_checkpoint if not no_mid else None,
+            should_stop=lambda: stop.requested,
         )
+        mid = None
         accelerator.free_memory()
-        call(strategies, "on_task_end", ctx)
+        call(strategies[::-1], "on_task_end", ctx)  # unwind like a stack: a wrapper listed first (lora) ends last
         cost.train_time_s += result.train_time_s
         cost.steps += result.steps
         cost.samples += result.samples
@@ -278,21 +352,14 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, log=prin
         cost.wall_time_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         cost.peak_memory_bytes = max(cost.peak_memory_bytes, peak_memory_bytes())
-        strategy_tensors, strategy_meta = _strategy_state(strategies)
-        cost.extra_state_bytes = sum(v.numel() * v.element_size() for v in strategy_tensors.values())
         _write_results(ctx, rows, cost, main)
+        save(f"task-{index + 1:02d}-{task.name}", index * 1_000_000 + 999_999, {"task_index": index, "task": task.name})
         if main:
-            ck.save_checkpoint(
-                ckpt_root,
-                f"task-{index + 1:02d}-{task.name}",
-                {"model": model.state_dict(), "strategies": strategy_tensors},
-                {"order": index, "task_index": index, "task": task.name, "rows": rows, "config": cfg.to_dict(),
-                 "strategies": strategy_meta, "cost": cost.to_json() | {"losses": cost.losses}},
-                keep_last=cfg.checkpoint.keep_last,
-            )
-        accelerator.wait_for_everyone()
+            ck.remove_mid_task(ckpt_root, keep=protect)
         last = rows[-1]["scores"]
         say(f"after {task.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in last.items()))
+        if stop.requested and index + 1 < len(stream.tasks):
+            raise Preempted(f"stopped on request after task {index + 1}; resume with --resume {run_dir}")
 
     cost.wall_time_s += time.perf_counter() - t0
     _write_results(ctx, rows, cost, main)
@@ -301,6 +368,37 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, log=prin
 
         write_report(run_dir)
     return run_dir
+
+
+def _optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict as safetensors-ready tensors plus JSON (never pickled)."""
+    tensors, scalars = {}, {}
+    for pid, pstate in state["state"].items():
+        for k, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}/{k}"] = v
+            else:
+                scalars[f"{pid}/{k}"] = v
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _resume_point(tensors: dict, state: dict) -> ResumePoint:
+    per_param: dict[int, dict] = {}
+    for key, v in tensors.get("optimizer", {}).items():
+        pid, name = key.split("/", 1)
+        per_param.setdefault(int(pid), {})[name] = v
+    for key, v in state["optimizer"]["scalars"].items():
+        pid, name = key.split("/", 1)
+        per_param.setdefault(int(pid), {})[name] = v
+    return ResumePoint(
+        step=state["task_step"],
+        optimizer={"state": per_param, "param_groups": state["optimizer"]["param_groups"]},
+        scheduler=state["scheduler"],
+        rng=tensors["rng"]["torch"],
+        losses=state["losses_in_task"],
+        samples=state["samples_in_task"],
+        skipped_steps=state["skipped_in_task"],
+    )
 
 
 def _step_hooks(ctx: Context, strategies: list[Strategy]) -> StepHooks:

@@ -20,6 +20,26 @@ from mmcl.config import TrainConfig
 from mmcl.data.batching import Collator, Example, move_batch
 
 
+class Preempted(RuntimeError):
+    """Training stopped on request (SIGTERM) after writing a checkpoint; resume with `mmcl run --resume`."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a task's training stopped: the step reached and everything needed to continue bitwise."""
+
+    step: int
+    optimizer: dict
+    scheduler: dict
+    rng: torch.Tensor
+    losses: list[float]
+    samples: int
+    skipped_steps: int
+
+
+TrainState = ResumePoint  # what `on_checkpoint` receives is exactly what a resume needs
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; raised before the optimizer step, so weights are untouched."""
 
@@ -92,8 +112,18 @@ def fit(
     label: str = "train",
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    resume: ResumePoint | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> FitResult:
-    """Train `model`'s trainable parameters on `examples` for the configured epochs/steps; returns losses."""
+    """Train `model`'s trainable parameters on `examples` for the configured epochs/steps; returns losses.
+
+    With `resume`, training continues at `resume.step` of the same seeded plan of batches with the optimizer,
+    scheduler and RNG states restored, so the rest of the task consumes exactly the batches an uninterrupted run
+    would. Every `checkpoint_every` steps, and when `should_stop()` turns true (preemption), `on_checkpoint`
+    receives the complete training state; after a stop request, `Preempted` is raised.
+    """
     from tqdm.auto import tqdm
 
     hooks = hooks or StepHooks()
@@ -107,15 +137,25 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, total, warmup))
+    result = FitResult(steps=0)
+    first = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        torch.set_rng_state(resume.rng)
+        first = resume.step
+        result.losses = list(resume.losses)
+        result.steps, result.samples, result.skipped_steps = resume.step, resume.samples, resume.skipped_steps
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     dtype = next(model.parameters()).dtype
     world, rank = accelerator.num_processes, accelerator.process_index
-    result = FitResult(steps=0)
     consecutive_skips = 0
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=label, disable=not progress or not accelerator.is_main_process, leave=False)
+    bar = tqdm(total=total, initial=first, desc=label, disable=not progress or not accelerator.is_main_process,
+               leave=False)
     model.train()
-    for step, idx in enumerate(plan):
+    for step in range(first, total):
+        idx = plan[step]
         shard = idx[rank::world]  # every rank builds the same global batch and takes its slice
         n_tokens = sum(sum(1 for t in examples[i].labels[1:] if t != -100) for i in idx)
         micro = [shard[k :: cfg.grad_accum] for k in range(cfg.grad_accum)]
@@ -149,7 +189,8 @@ def fit(
         loss_value, norm_value = torch.stack([step_loss, torch.as_tensor(grad_norm, dtype=step_loss.dtype)]).tolist()
         if world > 1:
             loss_value = float(accelerator.reduce(torch.tensor(loss_value, device=accelerator.device), "sum"))
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if not finite:
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             if cfg.on_nonfinite == "raise":
                 optimizer.zero_grad(set_to_none=True)
@@ -166,21 +207,27 @@ def fit(
                     f"{label}: {consecutive_skips} non-finite steps in a row (last at step {step + 1}); aborting. "
                     "Lower train.lr or check the data"
                 )
-            bar.update(1)
-            continue
-        consecutive_skips = 0
-        optimizer.step()
-        scheduler.step()
-        if hooks.after_step:
-            hooks.after_step(step)
-        optimizer.zero_grad(set_to_none=True)
-        result.steps += 1
-        result.samples += len(idx)
-        result.losses.append(loss_value)
-        if on_step:
-            on_step(step, loss_value)
+        else:
+            consecutive_skips = 0
+            optimizer.step()
+            scheduler.step()
+            if hooks.after_step:
+                hooks.after_step(step)
+            optimizer.zero_grad(set_to_none=True)
+            result.samples += len(idx)
+            result.losses.append(loss_value)
+            if on_step:
+                on_step(step, loss_value)
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        result.steps = step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        stop = should_stop() if should_stop else False
+        if on_checkpoint and result.steps < total and (stop or (checkpoint_every and result.steps % checkpoint_every == 0)):
+            on_checkpoint(TrainState(result.steps, optimizer.state_dict(), scheduler.state_dict(),
+                                     torch.get_rng_state(), list(result.losses), result.samples, result.skipped_steps))
+        if stop and result.steps < total:
+            bar.close()
+            raise Preempted(f"{label}: stopped after step {result.steps}/{total} on request")
     bar.close()
     result.train_time_s = time.perf_counter() - start
     return result

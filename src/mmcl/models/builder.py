@@ -197,6 +197,18 @@ def load_image(path: Path, spec: ModalitySpec) -> torch.Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
+def media_loader(model: MultimodalLM, capacity: int = 20000):
+    """A media loader with a decoder for each modality the model reads (image files -> normalised tensors)."""
+    from mmcl.data.batching import MediaLoader
+
+    media = MediaLoader(model.modalities, capacity)
+    decoders = {"image": load_image}
+    for modality in model.modalities:
+        if modality in decoders:
+            media.register(modality, decoders[modality])
+    return media
+
+
 def conversation_format(model: MultimodalLM, tokenizer: PreTrainedTokenizerFast) -> ConversationFormat:
     return ConversationFormat(
         tokenizer,
@@ -218,6 +230,7 @@ __all__ = [
     "save_model",
     "load_model",
     "load_image",
+    "media_loader",
     "conversation_format",
     "count_parameters",
 ]

@@ -7,7 +7,8 @@ what it needs. The engine calls them in this order for each task (pinned by a te
     on_task_start                      task begins (snapshot a teacher, reset buffers)
     train_examples                     choose what this task trains on (joint, rehearsal)
     per step: transform_batch -> task_loss -> extra_loss -> (backward, optimizer) -> after_optimizer_step
-    on_task_end                        task done (importance, merge LoRA, swap in EMA weights)
+    on_task_end                        task done (importance, merge LoRA, swap in EMA weights); called in reverse
+                                       order, so a wrapper listed first (lora) is unwound last
     state_dict / load_state_dict       checkpoint round trip: tensors (safetensors) + JSON, never pickles
 """
 
@@ -47,6 +48,8 @@ class Strategy:
     """Wraps the language model in a PEFT adapter; at most one per run."""
     replaces_task_loss: ClassVar[bool] = False
     """Computes the task loss itself (e.g. soft targets); at most one per run."""
+    supports_mid_task_resume: ClassVar[bool] = True
+    """Its state_dict captures everything, so a run can resume inside a task (not so for a task-start teacher)."""
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

@@ -59,6 +59,7 @@ class LwF(Strategy):
 
     Config = LwFOptions
     needs_teacher = True
+    supports_mid_task_resume = False  # the teacher is the model at task start, rebuilt there, not checkpointed
 
     def __init__(self, config: LwFOptions | None = None):
         super().__init__(config)

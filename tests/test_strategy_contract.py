@@ -1,0 +1,208 @@
+"""The contract every registered strategy keeps: it runs through the real engine across a task boundary, leaves
+every trainable parameter with a finite gradient, round-trips its state through safetensors, and is
+deterministic under a fixed seed. Plus the exact order in which the engine calls the hooks.
+
+A new strategy must add a row to CASES (a test fails until it does)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mmcl.report
+from mmcl.config import load_config
+from mmcl.data.batching import MediaLoader
+from mmcl.engine import loop
+from mmcl.engine.context import Context
+from mmcl.engine.train import token_cross_entropy_sum
+from mmcl.models.builder import conversation_format, load_image
+from mmcl.strategies import Strategy, build_strategies, check_composition, list_strategies, register_strategy
+from mmcl.strategies.registry import _REGISTRY
+
+pytestmark = pytest.mark.integration
+
+# name -> how to run it: its options, and partners listed before it (a strategy with supports_full=False needs an
+# adapter; llaca is run as P2 runs it, on a carried LoRA).
+CASES: dict[str, dict] = {
+    "sequential": {},
+    "joint": {},
+    "lora": {"options": {"r": 4}},
+    "ia3": {},
+    "soft_targets": {"options": {"alpha": 0.1}},
+    "freeze_last_block": {},
+    "freeze_output_embedding": {},
+    "rehearsal": {"options": {"fraction": 0.25}},
+    "ema": {"options": {"beta": 0.9}},
+    "llaca": {"before": ["lora"], "options": {"k": 2.0, "base": 0.01}},
+    "ewc": {},
+    "mas": {},
+    "lwf": {},
+    "replay": {},
+}
+
+QUIET = dict(progress=False, log=lambda *a: None)
+# Small and fast: 8 training records, 2 steps of 4 per task, 1 test record, 1 generated token, no retention task.
+FAST = {"data.train_limit": 8, "train.batch_size": 4, "train.max_steps": 2, "data.test_limit": 1,
+        "eval.max_new_tokens": 1, "eval.retention": "false"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Micro models run fastest on one thread; with several, OpenMP spin-waits dominate on a busy machine (the
+    conftest fixture restores the thread count afterwards)."""
+    torch.set_num_threads(1)
+
+
+def fast_engine(monkeypatch) -> None:
+    """Skip what these tests do not look at and what dominates a micro run: the report's plots, and the full
+    garbage collection accelerate's free_memory runs after each task (~0.5 s in a large test process)."""
+    import gc
+
+    monkeypatch.setattr(mmcl.report, "write_report", lambda run_dir: None)
+    monkeypatch.setattr(gc, "collect", lambda *a, **k: 0)
+
+
+def overrides_for(micro_overrides, run_name: str, strategy: str, tasks: int = 2, **extra) -> list[str]:
+    case = CASES[strategy]
+    names = [*case.get("before", []), strategy]
+    opts = {f"strategies.{strategy}.{k}": v for k, v in case.get("options", {}).items()}
+    return micro_overrides(run_name, tasks=tasks, strategies=f"[{','.join(names)}]", **FAST, **opts, **extra)
+
+
+def engine_objects(overrides: list[str]) -> tuple[Context, list[Strategy]]:
+    """The context and strategies exactly as `loop.run` builds them, up to and including prepare_model."""
+    from mmcl.builtin import resolve_model, resolve_stream
+
+    cfg = load_config(None, overrides)
+    accelerator = loop.make_accelerator(cfg)
+    loop.seed_everything(cfg.seed)
+    stream = resolve_stream(cfg.data, **QUIET)
+    model, tokenizer = resolve_model(cfg.model, run_dir=cfg.run_dir, **QUIET)
+    model.to(accelerator.device)
+    records, _ = loop.preflight(stream, cfg, log=QUIET["log"])
+    strategies = build_strategies(cfg.strategies)
+    check_composition(strategies, modalities={t.modality for t in stream.all_tasks if t.modality != "text"})
+    loop.set_trainable(model, cfg.model.train)
+    media = MediaLoader(model.modalities)
+    media.register("image", load_image)
+    ctx = Context(cfg, accelerator, model, tokenizer, conversation_format(model, tokenizer), stream, cfg.run_dir,
+                  media, records)
+    loop.call(strategies, "prepare_model", ctx)
+    return ctx, strategies
+
+
+def one_backward(ctx: Context, strategies: list[Strategy]) -> None:
+    """Task 0, one batch, forward and backward of the loss the engine would build (task loss + extra terms)."""
+    ctx.task_index = 0
+    loop.call(strategies, "on_task_start", ctx)
+    examples = ctx.train_examples(ctx.task.name)[:4]
+    batch = next(ctx.batches(examples, len(examples)))
+    hooks = loop._step_hooks(ctx, strategies)
+    batch = hooks.transform_batch(batch)
+    ctx.model.train()
+    out = ctx.forward(batch)
+    loss = hooks.task_loss(batch, out)
+    if loss is None:
+        loss = token_cross_entropy_sum(out.logits, batch["labels"])
+    extra = hooks.extra_loss(batch, out)
+    (loss + (extra if extra is not None else 0)).backward()
+
+
+def _roundtrip(strategy: Strategy, where: Path) -> None:
+    tensors, meta = strategy.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+    json.dumps(meta)  # JSON-able
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(where))
+    fresh = type(strategy)(strategy.config)
+    fresh.load_state_dict(load_file(str(where)), json.loads(json.dumps(meta)))
+    tensors2, meta2 = fresh.state_dict()
+    assert tensors2.keys() == tensors.keys()
+    assert all(torch.equal(tensors[k], tensors2[k]) and tensors[k].dtype == tensors2[k].dtype for k in tensors)
+    assert meta2 == meta
+
+
+def test_every_registered_strategy_has_a_contract_case():
+    missing = [n for n in list_strategies() if n not in CASES]
+    assert not missing, f"add a row to CASES in {__file__} for {missing}"
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_strategy_contract(name, micro_overrides, monkeypatch, tmp_path):
+    if name not in CASES:
+        pytest.fail(f"no CASES row for {name!r}")
+    fast_engine(monkeypatch)
+
+    # 1. every trainable parameter gets a finite gradient
+    ctx, strategies = engine_objects(overrides_for(micro_overrides, f"{name}-g", name))
+    trainable = ctx.trainable_parameters()
+    assert trainable
+    one_backward(ctx, strategies)
+    bad = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, f"no or non-finite gradient: {bad[:5]}"
+
+    # 2. two tasks of two steps through the real engine, twice with the same seed
+    built: list[list[Strategy]] = []
+
+    def capture(specs):
+        built.append(build_strategies(specs))
+        return built[-1]
+
+    monkeypatch.setattr(loop, "build_strategies", capture)
+    dirs = [loop.run(load_config(None, overrides_for(micro_overrides, f"{name}-0", name)), **QUIET)]
+    # the repeat only compares losses and state: skip its evaluation
+    monkeypatch.setattr(loop, "evaluate_row", lambda ctx, row, progress: {t.name: 0.0 for t in ctx.stream.tasks})
+    dirs.append(loop.run(load_config(None, overrides_for(micro_overrides, f"{name}-1", name)), **QUIET))
+    losses = [json.loads((d / "losses.json").read_text()) for d in dirs]
+    assert list(losses[0]) == ["color_qa", "shape_cls"]
+    assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in losses[0].values())
+    assert losses[0] == losses[1], "the same seed gave different losses"
+
+    # 3. state round trip through safetensors + JSON, and the same state in both runs
+    for s1, s2 in zip(*built):
+        _roundtrip(s1, tmp_path / f"{s1.name}.safetensors")
+        t1, m1 = s1.state_dict()
+        t2, m2 = s2.state_dict()
+        assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1) and m1 == m2
+
+
+# -- the order of hook calls ------------------------------------------------------------------------------------------
+
+HOOKS = ["prepare_model", "on_task_start", "train_examples", "transform_batch", "task_loss", "extra_loss",
+         "after_optimizer_step", "on_task_end", "state_dict", "load_state_dict"]
+
+
+@pytest.fixture
+def recorder():
+    calls: list[str] = []
+
+    class Recorder(Strategy):
+        """Records every hook call (test only)."""
+
+    def recording(hook):
+        base = getattr(Strategy, hook)
+
+        def method(self, *args):
+            calls.append(hook)
+            return base(self, *args)
+
+        return method
+
+    for hook in HOOKS:
+        setattr(Recorder, hook, recording(hook))
+    register_strategy("recorder_test")(Recorder)
+    yield calls
+    _REGISTRY.pop("recorder_test", None)
+
+
+def test_hooks_are_called_in_the_documented_order(recorder, micro_overrides, monkeypatch):
+    fast_engine(monkeypatch)
+    overrides = micro_overrides("order", tasks=2, strategies="[recorder_test]", **FAST, **{"train.grad_accum": 1})
+    loop.run(load_config(None, overrides), **QUIET)
+    step = ["transform_batch", "task_loss", "extra_loss", "after_optimizer_step"]
+    task = ["on_task_start", "train_examples", *step, *step, "on_task_end", "state_dict"]
+    assert recorder == ["prepare_model", *task, *task]
