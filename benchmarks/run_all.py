@@ -1,7 +1,8 @@
 """Run mmcl's speed benchmarks and write BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/run_all.py            # full (~6 min on 2 CPU cores), what `make bench` runs
-    .venv/bin/python benchmarks/run_all.py --quick    # smoke version (~1-2 min)
+    .venv/bin/python benchmarks/run_all.py            # full (~10 min on 2 CPU cores), what `make bench` runs
+    .venv/bin/python benchmarks/run_all.py --quick    # smoke version (~3-4 min)
+    .venv/bin/python benchmarks/run_all.py --only strategies   # one benchmark (repeatable)
 
 Every goal is a ratio against a baseline measured in the same run (never an absolute time), so the numbers mean
 the same on a laptop and on a loaded CI box; the table still records the machine and its load.
@@ -27,7 +28,7 @@ sys.path.insert(0, str(HERE))
 import benchutil  # noqa: E402  (sets the offline environment before torch/transformers load)
 import torch  # noqa: E402
 
-BENCHES = ("train", "eval")
+BENCHES = ("train", "eval", "strategies")
 
 
 def _fmt(x: float, digits: int = 2) -> str:
@@ -67,6 +68,11 @@ def render(results: dict, meta: dict) -> str:
         " AdamW and LambdaLR). Goal: engine steps/s ÷ bare steps/s ≥ 0.95.",
         "- **Evaluation**: `mmcl.eval.generate.generate_answers` with batch 64 (left padding, KV cache) vs batch 1, same"
         " records, same function, each task's `max_new_tokens`. Goal: ≥ 5× the samples/s, with the same answers.",
+        "- **Strategy overheads**: seconds per training step of each continual-learning strategy (its `StepHooks`"
+        " through `fit`, in the state it has in a stream's second task) ÷ those of plain `sequential` on the same model"
+        " and weights. Goals: `ema` ≤ 1.05, `llaca` ≤ 1.10 (vs `lora`), `ewc`/`mas` penalty ≤ 1.15, `replay` ≤ 1.05,"
+        " `lwf` ≤ 1.6; the EWC/MAS importance pass ≤ 1.2× one training epoch over the task's data; the state kept by"
+        " `ema`/`llaca` ≤ 2× the trainable parameters' bytes.",
         "",
         "## Machine and run",
         "",
@@ -87,7 +93,7 @@ def render(results: dict, meta: dict) -> str:
         "Reproduce exactly this file: "
         f"`{('MMCL_HOME=' + shlex.quote(meta['mmcl_home_env']) + ' ') if meta['mmcl_home_env'] else ''}"
         f"HF_HUB_OFFLINE=1 {meta['command']}`"
-        " (`make bench` runs the full version; add `--quick` for a ~1-2 min smoke run).",
+        " (`make bench` runs the full version; add `--quick` for a ~3-4 min smoke run).",
         "",
     ]
     if "train" in results:
@@ -152,7 +158,117 @@ def render(results: dict, meta: dict) -> str:
             lines += [f"- `{x['task']}` `{x['id']}`: batched {x['batched']!r} vs single {x['single']!r}"
                       for x in r["mismatch_examples"]]
             lines.append("")
+    if "strategies" in results:
+        lines += render_strategies(results["strategies"])
     return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def render_strategies(r: dict) -> list[str]:
+    t1, t2 = r["tasks"][:2]
+    lines = [
+        "## Strategy overheads (continual-learning strategies vs sequential fine-tuning)",
+        "",
+        f"Built-in `image` stream, first two tasks: each strategy is set up as the engine does it (`RunConfig` →"
+        f" `set_trainable` with the default parts → `Context` → `prepare_model`), trains {r['first_task_steps']} steps"
+        f" of `{t1}` and runs its `on_task_end` (importance and anchor, teacher, replay memory, EMA swap), then"
+        f" `on_task_start` of `{t2}`; the steps of `{t2}` are timed through `fit` with the strategy's `StepHooks`"
+        " (`loop._step_hooks`) against the same steps from the same weights with the baseline's hooks. Global batch"
+        f" {r['batch_size']}, {r['parameters']:,} parameters, device `{r['device']}`. Warm-up once, then {r['rounds']}"
+        f" rounds of {r['steps_per_round']} steps per side, the two sides of a pair back to back in alternating order;"
+        " the goal is judged on the median of the per-round paired ratios (seconds per step of `fit`'s training loop).",
+        "",
+        "| strategy | baseline | trainable params | baseline s/step | strategy s/step | strategy ÷ baseline (median"
+        " of rounds) | rounds min – max | CPU-time ratio | goal | result |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    st = r["state"]
+    for n, v in r["steps"].items():
+        b, s, pr = v["baseline_s_per_step"], v["strategy_s_per_step"], v["per_round_ratio"]
+        comp = "[" + ", ".join(v["strategies"]) + "]"
+        base = "[" + ", ".join(v["baseline"]) + "]"
+        lines.append(
+            f"| `{comp}` | `{base}` | {st[n]['trainable_parameters']:,} | {b['median']:.4f} | {s['median']:.4f} |"
+            f" **{v['ratio']:.3f}** | {pr['min']:.3f} – {pr['max']:.3f} | {v['cpu_ratio']:.3f} | ≤ {v['goal']} |"
+            f" {_verdict(v['passed'])} |"
+        )
+    lines.append("")
+    if "replay" in r["steps"]:
+        v = r["steps"]["replay"]
+        lens = ", ".join(f"`{t}` {a}" + (f"–{b}" if b != a else "") for t, (a, b) in v["lengths_by_task"].items())
+        lines += [
+            f"Replay adds no per-step work: its memory ({v['examples'] - v['task_examples']} examples of `{t1}`) is"
+            f" mixed into the task's {v['task_examples']} examples by `train_examples`, which raises the steps per"
+            f" epoch from {v['task_steps_per_epoch']} to {v['steps_per_epoch']}; what is timed is seconds *per step*."
+            f" A step on the mix is not a step on the task's own data, though: sequence lengths {lens} tokens, and"
+            " the collator pads each batch to its longest, so the timed steps carry"
+            f" {v['strategy_padded_tokens_per_step']:.0f} padded tokens per step on the mix vs"
+            f" {v['task_padded_tokens_per_step']:.0f} on the task alone ({v['strategy_tokens_per_step']:.0f} vs"
+            f" {v['task_tokens_per_step']:.0f} unpadded). Split of the ratio, from a third run per round (sequential"
+            f" hooks on the mixed examples): replay ÷ sequential on the *same* examples {v['hooks_ratio']:.3f}"
+            f" (the strategy's own per-step cost), sequential on the mix ÷ on the task's own examples"
+            f" {v['data_ratio']:.3f} (the memory's longer examples and the padding). `train_examples` itself takes"
+            f" {1e3 * v['train_examples_s']:.2f} ms once per task.",
+            "",
+        ]
+    if "llaca" in r["steps"]:
+        lines += ["LLaCA runs on a LoRA adapter (P2's protocol), so its composition is `[lora, llaca]` and its baseline"
+                  " is sequential LoRA, `[lora]`, on the same wrapped model; the others train the engine's default"
+                  " parts (projectors + language model) in full.", ""]
+    if r["importance"]:
+        lines += [
+            "### Importance pass (EWC, MAS)",
+            "",
+            "`importance_pass` as `on_task_end` calls it (the task's training examples, the strategy's batch size) vs"
+            " one epoch of `fit` (sequential hooks) over the same examples with the same batch size, from the same"
+            f" weights; paired, alternating, {r['rounds']} rounds.",
+            "",
+            "| strategy | examples, batch | importance pass s | one epoch of `fit` s | pass ÷ epoch (median of rounds)"
+            " | rounds min – max | CPU-time ratio | goal | result |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for n, v in r["importance"].items():
+            pr = v["per_round_ratio"]
+            lines.append(
+                f"| `{n}` | {v['examples']}, {v['batch_size']} | {v['importance_s']['median']:.3f} |"
+                f" {v['epoch_s']['median']:.3f} | **{v['ratio']:.3f}** | {pr['min']:.3f} – {pr['max']:.3f} |"
+                f" {v['cpu_ratio']:.3f} | ≤ {v['goal']} | {_verdict(v['passed'])} |"
+            )
+        lines.append("")
+    lines += [
+        "### State kept",
+        "",
+        "Bytes of the tensors in `strategy.state_dict()` (what a checkpoint stores and cost.json counts as"
+        " extra_state_bytes), read after the warm-up's steps of the second task, vs the bytes of the trainable"
+        " parameters (float32).",
+        "",
+        "| strategy | trainable params (bytes) | state bytes | state ÷ trainable | goal | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, v in st.items():
+        note = ""
+        if "teacher_bytes" in v:
+            note = f" (+ a {v['teacher_bytes']:,}-byte teacher model held while the task trains, not checkpointed)"
+        goal = f"≤ {v['goal']:g}×" if "goal" in v else "(no goal)"
+        verdict = _verdict(v["passed"]) if "passed" in v else ""
+        lines.append(f"| `{n}` | {v['trainable_parameters']:,} ({v['trainable_bytes']:,}) | {v['state_bytes']:,}{note}"
+                     f" | {v['ratio']:.2f}× | {goal} | {verdict} |")
+    lines.append("")
+    return lines
+
+
+def _headline(name: str, r: dict) -> str:
+    if name == "train":
+        return f"ratio {r['ratio']:.3f} (goal {r['goal']})"
+    if name == "eval":
+        return f"speed-up {r['speedup']:.2f}x (goal {r['goal']})"
+    parts = [f"{n} {v['ratio']:.3f}/{v['goal']}" for n, v in r["steps"].items()]
+    parts += [f"importance {n} {v['ratio']:.3f}/{v['goal']}" for n, v in r["importance"].items()]
+    parts += [f"state {n} {v['ratio']:.2f}/{v['goal']}" for n, v in r["state"].items() if "goal" in v]
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         results[name] = mod.run(quick=args.quick)
         r = results[name]
-        headline = f"ratio {r['ratio']:.3f}" if name == "train" else f"speed-up {r['speedup']:.2f}x"
-        print(f"[bench] {name}: {headline} (goal {r['goal']}) {'PASS' if r['passed'] else 'FAIL'}"
+        print(f"[bench] {name}: {_headline(name, r)} {'PASS' if r['passed'] else 'FAIL'}"
               f" in {time.perf_counter() - t:.0f} s", flush=True)
     cmd_args = [a for a in (argv if argv is not None else sys.argv[1:])]
     meta = {

@@ -28,15 +28,21 @@ def _quiet_hf() -> None:
     hf_logging.disable_progress_bar()
 
 
-def cmd_run(args) -> int:
-    from mmcl.config import load_config
-    from mmcl.engine.loop import run
-
+def _config_and_overrides(args) -> tuple[str | None, list[str]]:
+    """The optional recipe file and the overrides; a first argument with '=' that is no file is an override."""
     overrides = list(args.overrides)
     config = args.config
     if config and "=" in config and not Path(config).exists():
         overrides.insert(0, config)
         config = None
+    return config, overrides
+
+
+def cmd_run(args) -> int:
+    from mmcl.config import load_config
+    from mmcl.engine.loop import run
+
+    config, overrides = _config_and_overrides(args)
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
@@ -91,11 +97,7 @@ def cmd_demo(args) -> int:
 def cmd_compare(args) -> int:
     from mmcl.compare import parse_methods, run_comparison
 
-    overrides = list(args.overrides)
-    config = args.config
-    if config and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)
-        config = None
+    config, overrides = _config_and_overrides(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     orders = [[t for t in o.split(",") if t] for o in args.orders.split(";")] if args.orders else [None]
     out = run_comparison(None, config, overrides, parse_methods(args.methods), seeds, orders, Path(args.out),

@@ -1,6 +1,9 @@
 """`mmcl pretrain`: build the tiny base model the built-in stream starts from.
 
-Two stages, as in the LLaVA recipe seen as continual learning (P1): (1) the language model learns the world's
+Three stages. (0) The tiny vision tower has no pretrained weights to borrow (a real LLaVA starts from CLIP), so it
+first learns to predict the words of each alignment caption from its pooled features (a multi-label bag of words,
+as in Joulin et al. 2016, "Learning Visual Features from Large Weakly Supervised Data"); the linear head is then
+discarded. Then, as in the LLaVA recipe seen as continual learning (P1): (1) the language model learns the world's
 language skills (text only); (2) vision-language alignment on image captions (LLaVA stage 1). Unlike a real LLM,
 the tiny language model has never seen caption language and the tiny vision tower has no pretrained weights, so
 stage 2 trains the tower, the projector and the language model together, with the language-skill records mixed
@@ -35,6 +38,8 @@ class PretrainConfig:
     seed: int = 0
     vocab_size: int = 1024
     sizes: TinySizes = field(default_factory=TinySizes)
+    vision_steps: int = 900
+    """Stage 0 steps (batch 32, lr 2e-3); 0 skips it (e.g. for a pretrained tower)."""
     language: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_ratio=0.05))
     align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=32, lr=1e-3, warmup_ratio=0.05))
     eval_batch_size: int = 128
@@ -45,6 +50,38 @@ def _records(task, split):
     if bad:
         raise DataError(f"{task.manifest}: bad records in the pre-training data:\n{format_problems(bad)}")
     return good
+
+
+def pretrain_vision(model, records, media, steps: int, *, seed: int, batch_size: int = 32, lr: float = 2e-3,
+                    progress: bool = True) -> float:
+    """Stage 0: train the image tower to predict which words its caption contains; returns the final loss."""
+    from tqdm.auto import tqdm
+
+    encoder, spec = model.encoders["image"], model.modalities["image"]
+    words = sorted({w for r in records for w in r.answer.lower().split()})
+    index = {w: k for k, w in enumerate(words)}
+    targets = torch.zeros(len(records), len(words))
+    for i, r in enumerate(records):
+        for w in r.answer.lower().split():
+            targets[i, index[w]] = 1.0
+    head = torch.nn.Linear(encoder.config.hidden_size, len(words))
+    params = list(encoder.parameters()) + list(head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    encoder.train()
+    loss = torch.zeros(())
+    for _ in tqdm(range(steps), desc="vision", leave=False, disable=not progress):
+        idx = torch.randint(0, len(records), (batch_size,), generator=g)
+        images = torch.stack([media("image", records[i].media["image"]) for i in idx.tolist()])
+        feats = encoder(images).last_hidden_state
+        feats = feats[:, 1:] if spec.select == "patch" else feats
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats.mean(1)), targets[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return float(loss)
 
 
 def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progress: bool = True, log=print) -> Path:
@@ -65,6 +102,11 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     collate = Collator(tokenizer.pad_token_id, media)
     text_tasks = [load_task(world / p) for p in index["pretrain"]["text"]]
     align_tasks = [load_task(world / p) for p in index["pretrain"]["align"]]
+
+    if cfg.vision_steps and "image" in model.encoders:
+        log(f"pretrain 0/2: vision tower on the words of {sum(len(_records(t, 'train')) for t in align_tasks)} captions")
+        pretrain_vision(model, [r for t in align_tasks for r in _records(t, "train") if "image" in r.media], media,
+                        cfg.vision_steps, seed=cfg.seed, progress=progress)
 
     # stage 1: language skills, whole language model trained
     for p in model.parameters():

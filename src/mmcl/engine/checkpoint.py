@@ -131,6 +131,11 @@ def verify_checkpoint(path: Path) -> dict:
     state = read_state(path)
     for fname, meta in state["files"].items():
         f = path / fname
+        if Path(fname).name != fname or fname in ("", ".", ".."):
+            raise CheckpointError(f"{f}: not a file name inside the checkpoint; state.json was altered")
+        if not fname.endswith(".safetensors"):
+            raise CheckpointError(f"{f}: not a .safetensors file; mmcl checkpoints hold only safetensors and JSON, "
+                                  "and a pickle is never loaded")
         if not f.exists():
             raise CheckpointError(f"{f}: missing; the checkpoint is incomplete")
         size = f.stat().st_size
@@ -144,7 +149,12 @@ def verify_checkpoint(path: Path) -> dict:
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Verified tensors (per safetensors file) and state of a checkpoint directory."""
     state = verify_checkpoint(path)
-    tensors = {Path(f).stem: load_file(str(path / f)) for f in state["files"]}
+    tensors = {}
+    for f in state["files"]:
+        try:
+            tensors[Path(f).stem] = load_file(str(path / f))
+        except Exception as e:  # safetensors' own parser refuses anything else (it never unpickles)
+            raise CheckpointError(f"{path / f}: not a valid safetensors file ({type(e).__name__}: {e})") from e
     return tensors, state
 
 
@@ -163,8 +173,19 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def latest_valid(ckpt_root: Path, warn=print) -> tuple[Path, dict] | None:
-    """The newest checkpoint that verifies; corrupt newer ones are reported through `warn` and skipped."""
-    for d in list_checkpoints(ckpt_root):
+    """The newest checkpoint that verifies; corrupt newer ones are reported through `warn` and skipped. One whose
+    state.json is unreadable has no recorded order (it may be the newest), so it is always reported."""
+    found = list_checkpoints(ckpt_root)
+    unreadable = set()
+    for d in found:
+        try:
+            read_state(d)
+        except CheckpointError as e:
+            unreadable.add(d)
+            warn(f"warning: skipping checkpoint {d.name}: {e}; falling back to the previous one")
+    for d in found:
+        if d in unreadable:
+            continue
         try:
             return d, verify_checkpoint(d)
         except CheckpointError as e:

@@ -178,11 +178,19 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision)
 
 
-def set_trainable(model: torch.nn.Module, parts: list[str]) -> None:
+def set_trainable(model: torch.nn.Module, parts: list[str], modalities: set[str] | None = None) -> None:
+    """Train the named parts; encoders and projectors only of the modalities the stream uses (an unused trainable
+    tensor would cost optimizer memory and stall DDP's gradient reduction)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for part in parts:
-        for p in getattr(model, part).parameters():
+        module = getattr(model, part)
+        if part in ("encoders", "projectors") and modalities is not None:
+            used = {m for m in modalities if m in module}
+            used |= {model.modalities[m].encoder for m in modalities
+                     if part == "encoders" and getattr(model.modalities.get(m), "encoder", None)}
+            module = torch.nn.ModuleList([module[m] for m in sorted(used) if m in module])
+        for p in module.parameters():
             p.requires_grad_(True)
 
 
@@ -246,7 +254,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
     no_mid = [s.name for s in strategies if not s.supports_mid_task_resume]
     if cfg.checkpoint.every_steps and no_mid:
         raise ConfigError(f"checkpoint.every_steps: {no_mid} cannot resume inside a task; use 0 (task boundaries)")
-    set_trainable(model, cfg.model.train)
+    set_trainable(model, cfg.model.train, {t.modality for t in stream.all_tasks if t.modality != "text"})
     ctx = Context(cfg, accelerator, model, tokenizer, conversation_format(model, tokenizer), stream, run_dir,
                   media_loader(model), records)
     call(strategies, "prepare_model", ctx)
@@ -421,7 +429,7 @@ def _step_hooks(ctx: Context, strategies: list[Strategy]) -> StepHooks:
 def _strategy_state(strategies: list[Strategy]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = {}, {}
     for s in strategies:
-        t, m = s.state_dict()
+        t, m = call([s], "state_dict")[0]
         tensors.update({f"{s.name}/{k}": v for k, v in t.items()})
         meta[s.name] = m
     return tensors, meta

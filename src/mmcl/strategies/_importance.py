@@ -145,14 +145,31 @@ def merge_max(
     return merged, ids
 
 
+class _AnchorPenalty(torch.autograd.Function):
+    """w·Σ_k Ω_k (θ_k − θ*_k)² with its gradient 2w·Ω·(θ − θ*) written out, instead of autograd through sub, mul,
+    mul and a norm: forward = two foreach kernels and one dot per tensor, backward = one in-place scale."""
+
+    @staticmethod
+    def forward(ctx, weight, star, omega, *params):
+        d = torch._foreach_sub(list(params), star)
+        if d[0].dtype != torch.float32:  # square in float32 even for bf16 weights
+            d = [x.float() for x in d]
+        od = torch._foreach_mul(d, omega)  # Ω·(θ − θ*)
+        value = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(d, od)]).sum()
+        ctx.od, ctx.weight, ctx.dtypes = od, weight, [p.dtype for p in params]
+        return value * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        od, ctx.od = ctx.od, None
+        torch._foreach_mul_(od, grad * (2.0 * ctx.weight))
+        return (None, None, None, *[g if g.dtype == dt else g.to(dt) for g, dt in zip(od, ctx.dtypes)])
+
+
 @dataclass
 class QuadraticAnchor:
-    """weight·Σ_k Ω_k (θ_k − θ*_k)² over a fixed list of parameters, in four fused foreach kernels.
-
-    d = θ − θ* (`_foreach_sub`), d² (`_foreach_mul`), Ω·d² (`_foreach_mul`, float32), and the per-tensor sums as
-    L1 norms of the non-negative products (`_foreach_norm(·, 1)`), then one stack-and-sum: no per-parameter
-    Python arithmetic per step and no persistent copy beyond Ω and θ* themselves.
-    """
+    """weight·Σ_k Ω_k (θ_k − θ*_k)² over a fixed list of parameters, with a hand-written gradient (see
+    `_AnchorPenalty`): no per-parameter Python arithmetic per step and no copy beyond Ω and θ* themselves."""
 
     params: list[torch.nn.Parameter]
     star: list[torch.Tensor]
@@ -160,10 +177,7 @@ class QuadraticAnchor:
     weight: float
 
     def __call__(self) -> torch.Tensor:
-        diff = torch._foreach_sub(self.params, self.star)
-        weighted = torch._foreach_mul(torch._foreach_mul(diff, diff), self.omega)
-        sums = torch._foreach_norm(weighted, 1)
-        return self.weight * torch.stack([s.float() for s in sums]).sum()
+        return _AnchorPenalty.apply(self.weight, self.star, self.omega, *self.params)
 
 
 # -- the shared strategy ------------------------------------------------------------------------------------------

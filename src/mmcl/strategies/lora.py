@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.registry import register_strategy
 
@@ -67,4 +69,13 @@ class LoRA(Strategy):
 
     def on_task_end(self, ctx: Context) -> None:
         if self.config.mode == "merge":
+            # peft's safe merge checks one layer at a time, so a layer merged before a broken one would already be
+            # changed; check every adapter tensor first so a non-finite adapter never touches the base weights.
+            bad = [n for n, p in ctx.model.language_model.named_parameters()
+                   if "lora_" in n and not torch.isfinite(p).all()]
+            if bad:
+                raise ValueError(
+                    f"the LoRA adapter has non-finite values in {len(bad)} tensor(s) (e.g. {bad[0]}); refusing to "
+                    "merge it into the base weights"
+                )
             ctx.model.language_model = ctx.model.language_model.merge_and_unload(safe_merge=True)
