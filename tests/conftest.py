@@ -70,6 +70,9 @@ def micro_overrides(micro_world, micro_model, tmp_path):
             f"data.stream={micro_world / 'streams' / 'image.yaml'}",
             f"model.path={micro_model}",
             "train.batch_size=8",
+            "train.epochs=1",
+            "train.lr=1e-3",
+            "train.warmup_ratio=0.03",
             "eval.max_new_tokens=6",
         ]
         if tasks < 7:

@@ -300,3 +300,26 @@ def test_presets_expand_to_their_strategies_and_take_options():
     cfg = load_config(None, ["strategies=[msgm_rehearsal]", "strategies.lora.r=4"])
     assert [s.name for s in cfg.strategies] == ["lora", "soft_targets", "rehearsal"]
     assert cfg.strategies[0].options == {"r": 4}
+
+
+def test_every_recipe_in_configs_loads():
+    from pathlib import Path
+
+    from mmcl.config import load_config
+    from mmcl.strategies import build_strategies
+
+    recipes = sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml"))
+    assert len(recipes) >= 15
+    for path in recipes:
+        build_strategies(load_config(path).strategies)  # every name and option exists
+
+
+def test_compare_method_syntax_composes_and_sets_options():
+    from mmcl.compare import parse_methods
+
+    methods = parse_methods("sequential, lora[mode=merge;r=4]+soft_targets ,msgm")
+    assert [m.label for m in methods] == ["sequential", "lora[mode=merge;r=4]+soft_targets", "msgm"]
+    assert methods[1].strategies == ["lora", "soft_targets"]
+    assert methods[1].options == ["strategies.lora.mode=merge", "strategies.lora.r=4"]
+    with pytest.raises(ValueError, match="must be key=value"):
+        parse_methods("lora[merge]")

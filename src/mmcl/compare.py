@@ -33,19 +33,42 @@ COSTS = [
 
 @dataclass
 class Method:
-    label: str  # e.g. "lora+soft_targets"
+    label: str  # e.g. "lora[mode=merge]+soft_targets"
     strategies: list[str]
+    options: list[str]  # overrides such as "strategies.lora.mode=merge"
 
 
 def parse_methods(text: str) -> list[Method]:
-    """`sequential,lora,lora+soft_targets` -> methods; `+` composes strategies into one method."""
+    """`sequential,lora[mode=merge],lora+soft_targets` -> methods: `+` composes strategies into one method and
+    `name[key=value;key=value]` sets a strategy's options."""
     methods = []
-    for item in (t.strip() for t in text.split(",")):
-        if item:
-            methods.append(Method(item, [s.strip() for s in item.split("+") if s.strip()]))
+    for item in _split_top(text, ","):
+        names, options = [], []
+        for part in _split_top(item, "+"):
+            name, _, opts = part.partition("[")
+            names.append(name.strip())
+            for kv in filter(None, (o.strip() for o in opts.rstrip("]").split(";"))):
+                if "=" not in kv:
+                    raise ValueError(f"--methods: option {kv!r} of {name!r} must be key=value")
+                options.append(f"strategies.{name.strip()}.{kv}")
+        methods.append(Method(item, names, options))
     if not methods:
         raise ValueError("--methods: give at least one method, e.g. sequential,lora,ewc")
     return methods
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on `sep` outside square brackets."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    return [p for p in parts if p]
 
 
 def _complete(run_dir: Path) -> bool:
@@ -87,8 +110,8 @@ def run_comparison(
                 if _complete(run_dir):
                     log(f"[{m.label} {name}] complete, skipped")
                     continue
-                extra = [f"strategies=[{','.join(m.strategies)}]", f"seed={seed}", f"output_dir={run_dir}",
-                         f"name={m.label}-{name}"]
+                extra = [f"strategies=[{','.join(m.strategies)}]", *m.options, f"seed={seed}",
+                         f"output_dir={run_dir}", f"name={name}"]
                 if order:
                     extra.append(f"data.order=[{','.join(order)}]")
                 cfg = load_config(config_path, overrides + extra)

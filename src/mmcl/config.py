@@ -64,7 +64,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = 3
     """Passes over each task's training data."""
     max_steps: int | None = None
     """Cap on optimizer steps per task (after epochs)."""
@@ -72,9 +72,10 @@ class TrainConfig:
     """Global batch size (per step, over all processes and accumulation steps)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the global batch stays `batch_size`."""
-    lr: float = 1e-3
+    lr: float = 3e-4
+    """Peak learning rate (the defaults suit the built-in tiny model; LLaVA-7B full fine-tuning uses 2e-5)."""
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.1
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = 1.0
     """Gradient clipping (0 disables)."""
