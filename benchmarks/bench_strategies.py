@@ -73,34 +73,28 @@ class Case:
 
 
 def build_case(name: str, world: Path, model_path: Path, run_dir: Path) -> Case:
-    from mmcl.config import RunConfig, StrategySpec, TrainConfig
-    from mmcl.data.records import load_stream
-    from mmcl.engine.context import Context
-    from mmcl.engine.loop import _step_hooks, call, make_accelerator, preflight, seed_everything, task_seed
+    import yaml
+
+    from mmcl.config import DataConfig, ModelConfig, RunConfig, StrategySpec, TrainConfig
+    from mmcl.engine.loop import _step_hooks, build_context, call, make_accelerator, seed_everything, task_seed
     from mmcl.engine.train import fit
-    from mmcl.models.builder import conversation_format, load_model, media_loader
-    from mmcl.strategies import build_strategies, check_composition
+    from mmcl.strategies import build_strategies
 
     names, base_names = CASES[name]
     case = Case(name, names, base_names)
+    (run_dir / name).mkdir(parents=True, exist_ok=True)
+    stream_file = run_dir / name / "stream.yaml"  # the benchmark trains the first two tasks only
+    tasks = yaml.safe_load((world / "streams" / "image.yaml").read_text())["tasks"][:2]
+    stream_file.write_text(yaml.safe_dump({"name": "bench", "tasks": [str(world / "streams" / t) for t in tasks]}))
     cfg = RunConfig(
         name=f"bench-{name}", output_dir=str(run_dir / name), strategies=[StrategySpec(n) for n in names],
+        model=ModelConfig(path=str(model_path)), data=DataConfig(stream=str(stream_file)),
         train=TrainConfig(epochs=1000, batch_size=BATCH_SIZE, lr=1e-3, warmup_ratio=0.03),
     ).validate()
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.seed)
-    stream = load_stream(world / "streams" / "image.yaml")
-    stream.tasks = stream.tasks[:2]  # the benchmark trains the first two tasks only
-    stream.retention = []
-    model, tokenizer = load_model(model_path, dtype=torch.float32)
-    model.to(accelerator.device)
-    records, _ = preflight(stream, cfg, log=lambda *a: None)
-    strategies = build_strategies(cfg.strategies)
-    modalities = {t.modality for t in stream.all_tasks if t.modality != "text"}
-    check_composition(strategies, modalities=modalities, num_processes=accelerator.num_processes)
-    benchutil.set_trainable(model, cfg.model.train, modalities)
-    ctx = Context(cfg, accelerator, model, tokenizer, conversation_format(model, tokenizer), stream, run_dir / name,
-                  media_loader(model), records)
+    ctx, strategies, _ = build_context(cfg, accelerator, log=lambda *a: None)
+    model = ctx.model
     call(strategies, "prepare_model", ctx)
 
     def chain(examples):

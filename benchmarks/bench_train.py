@@ -57,13 +57,14 @@ def run(quick: bool = False) -> dict:
 
     from mmcl.config import ModelConfig, TrainConfig
     from mmcl.data.batching import Collator, encode_records
+    from mmcl.engine.loop import set_trainable
     from mmcl.engine.train import fit, global_batches
 
     rounds, steps, warm_steps = (4, 10, 5) if quick else (12, 25, 10)
     world, model_path = benchutil.world_and_model_paths()
     model, tokenizer, fmt, media = benchutil.load(model_path)
     # the engine's default trained parts: projectors (of the stream's modality, image) + language model
-    benchutil.set_trainable(model, ModelConfig().train, {"image"})
+    set_trainable(model, ModelConfig().train, {"image"})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     dtype = next(model.parameters()).dtype

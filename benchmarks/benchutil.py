@@ -81,15 +81,3 @@ def machine() -> dict:
         "accelerate": accelerate.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def set_trainable(model, parts: list[str], modalities: set[str]) -> None:
-    """The engine's `set_trainable`, whichever signature this checkout has (older ones take no modalities)."""
-    import inspect
-
-    from mmcl.engine.loop import set_trainable as engine_set_trainable
-
-    if len(inspect.signature(engine_set_trainable).parameters) >= 3:
-        engine_set_trainable(model, parts, modalities)
-    else:
-        engine_set_trainable(model, parts)

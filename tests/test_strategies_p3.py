@@ -31,21 +31,7 @@ FAST = {"train.max_steps": 2, "data.test_limit": 2, "eval.max_new_tokens": 2, "e
 
 def make_ctx(overrides: list[str]):
     """The Context `loop.run` builds, without running anything (for hook-level tests on the micro model)."""
-    from mmcl.builtin import resolve_model, resolve_stream
-    from mmcl.data.batching import MediaLoader
-    from mmcl.engine.context import Context
-    from mmcl.models.builder import conversation_format, load_image
-
-    cfg = load_config(None, overrides)
-    accelerator = loop.make_accelerator(cfg)
-    stream = resolve_stream(cfg.data, **QUIET)
-    model, tokenizer = resolve_model(cfg.model, run_dir=cfg.run_dir, **QUIET)
-    records, _ = loop.preflight(stream, cfg, log=lambda *a: None)
-    loop.set_trainable(model, cfg.model.train)
-    media = MediaLoader(model.modalities)
-    media.register("image", load_image)
-    ctx = Context(cfg, accelerator, model, tokenizer, conversation_format(model, tokenizer), stream, cfg.run_dir,
-                  media, records)
+    ctx, _, _ = loop.build_context(load_config(None, overrides), log=lambda *a: None)
     ctx.task_index = 0
     return ctx
 

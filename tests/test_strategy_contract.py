@@ -16,12 +16,10 @@ from safetensors.torch import load_file, save_file
 
 import mmcl.report
 from mmcl.config import load_config
-from mmcl.data.batching import MediaLoader
 from mmcl.engine import loop
 from mmcl.engine.context import Context
 from mmcl.engine.train import token_cross_entropy_sum
-from mmcl.models.builder import conversation_format, load_image
-from mmcl.strategies import Strategy, build_strategies, check_composition, list_strategies, register_strategy
+from mmcl.strategies import Strategy, build_strategies, list_strategies, register_strategy
 from mmcl.strategies.registry import _REGISTRY
 
 pytestmark = pytest.mark.integration
@@ -43,6 +41,7 @@ CASES: dict[str, dict] = {
     "mas": {},
     "lwf": {},
     "replay": {},
+    "moincl": {},
 }
 
 QUIET = dict(progress=False, log=lambda *a: None)
@@ -76,22 +75,9 @@ def overrides_for(micro_overrides, run_name: str, strategy: str, tasks: int = 2,
 
 def engine_objects(overrides: list[str]) -> tuple[Context, list[Strategy]]:
     """The context and strategies exactly as `loop.run` builds them, up to and including prepare_model."""
-    from mmcl.builtin import resolve_model, resolve_stream
-
     cfg = load_config(None, overrides)
-    accelerator = loop.make_accelerator(cfg)
     loop.seed_everything(cfg.seed)
-    stream = resolve_stream(cfg.data, **QUIET)
-    model, tokenizer = resolve_model(cfg.model, run_dir=cfg.run_dir, **QUIET)
-    model.to(accelerator.device)
-    records, _ = loop.preflight(stream, cfg, log=QUIET["log"])
-    strategies = build_strategies(cfg.strategies)
-    check_composition(strategies, modalities={t.modality for t in stream.all_tasks if t.modality != "text"})
-    loop.set_trainable(model, cfg.model.train)
-    media = MediaLoader(model.modalities)
-    media.register("image", load_image)
-    ctx = Context(cfg, accelerator, model, tokenizer, conversation_format(model, tokenizer), stream, cfg.run_dir,
-                  media, records)
+    ctx, strategies, _ = loop.build_context(cfg, log=QUIET["log"])
     loop.call(strategies, "prepare_model", ctx)
     return ctx, strategies
 

@@ -111,7 +111,7 @@ def run_comparison(
                     log(f"[{m.label} {name}] complete, skipped")
                     continue
                 extra = [f"strategies=[{','.join(m.strategies)}]", *m.options, f"seed={seed}",
-                         f"output_dir={run_dir}", f"name={name}"]
+                         f"output_dir={run_dir}", f"name={m.label}-{name}"]
                 if order:
                     extra.append(f"data.order=[{','.join(order)}]")
                 cfg = load_config(config_path, overrides + extra)

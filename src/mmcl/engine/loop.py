@@ -229,9 +229,32 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, log=prin
         return _run(cfg, resume, progress, log, stop)
 
 
-def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -> Path:
+def build_context(
+    cfg: RunConfig, accelerator: Accelerator | None = None, *, progress: bool = False, log=print
+) -> tuple[Context, list[Strategy], list[Problem]]:
+    """Everything a run needs before its first task: stream, model, checked records, strategies (composition
+    refused here if it can't run), trainable parts and the context strategies see. Tests and benchmarks use it too,
+    so they exercise exactly what a run does."""
     from mmcl.builtin import resolve_model, resolve_stream
 
+    accelerator = accelerator or make_accelerator(cfg)
+    stream = resolve_stream(cfg.data, progress=progress, log=log)
+    model, tokenizer = resolve_model(cfg.model, run_dir=cfg.run_dir, progress=progress, log=log)
+    model.to(accelerator.device)
+    records, problems = preflight(stream, cfg, log=log)
+    strategies = build_strategies(cfg.strategies)
+    modalities = {t.modality for t in stream.all_tasks if t.modality != "text"}
+    check_composition(strategies, modalities=modalities, num_processes=accelerator.num_processes)
+    no_mid = [s.name for s in strategies if not s.supports_mid_task_resume]
+    if cfg.checkpoint.every_steps and no_mid:
+        raise ConfigError(f"checkpoint.every_steps: {no_mid} cannot resume inside a task; use 0 (task boundaries)")
+    set_trainable(model, cfg.model.train, modalities)
+    ctx = Context(cfg, accelerator, model, tokenizer, conversation_format(model, tokenizer), stream, cfg.run_dir,
+                  media_loader(model), records)
+    return ctx, strategies, problems
+
+
+def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -> Path:
     t0 = time.perf_counter()
     run_dir = cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
@@ -244,19 +267,9 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
     say = log if main else (lambda *_: None)
     seed_everything(cfg.seed)
 
-    stream = resolve_stream(cfg.data, progress=progress, log=say)
-    model, tokenizer = resolve_model(cfg.model, run_dir=run_dir, progress=progress, log=say)
-    model.to(accelerator.device)
-    records, problems = preflight(stream, cfg, log=say)
-    strategies = build_strategies(cfg.strategies)
-    check_composition(strategies, modalities={t.modality for t in stream.all_tasks if t.modality != "text"},
-                      num_processes=accelerator.num_processes)
+    ctx, strategies, problems = build_context(cfg, accelerator, progress=progress, log=say)
+    model, stream = ctx.model, ctx.stream
     no_mid = [s.name for s in strategies if not s.supports_mid_task_resume]
-    if cfg.checkpoint.every_steps and no_mid:
-        raise ConfigError(f"checkpoint.every_steps: {no_mid} cannot resume inside a task; use 0 (task boundaries)")
-    set_trainable(model, cfg.model.train, {t.modality for t in stream.all_tasks if t.modality != "text"})
-    ctx = Context(cfg, accelerator, model, tokenizer, conversation_format(model, tokenizer), stream, run_dir,
-                  media_loader(model), records)
     call(strategies, "prepare_model", ctx)
 
     rows: list[dict] = []

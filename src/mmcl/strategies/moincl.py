@@ -1,0 +1,356 @@
+"""MoInCL (P4, Pian et al., arXiv 2412.13050): pseudo targets, KD on them, instruction-based KD, optional fusion."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmcl.data.batching import Example, move_batch
+from mmcl.data.records import MODALITIES, PLACEHOLDER, Record, Task, read_records
+from mmcl.strategies.base import Strategy
+from mmcl.strategies.lwf import distillation_loss
+from mmcl.strategies.registry import register_strategy
+
+if TYPE_CHECKING:
+    from mmcl.engine.context import Context
+
+QA_TYPES = frozenset({"qa", "mcq", "classification"})
+CAPTION_TYPES = frozenset({"caption"})
+PSEUDO_PREFIX = "moincl-pseudo"
+IKD_PREFIX = "moincl-ikd"
+SEED_PSEUDO = 5
+"""`task_seed` purpose of the choice of inputs that get a pseudo example and of the sampled questions."""
+SEED_IKD = 6
+"""`task_seed` purpose of the per-micro-batch sample of text-only instructions."""
+
+
+@dataclass
+class MoInCLOptions:
+    pseudo: bool = True
+    """PTGM: mix in pseudo examples made by the previous-task model (pseudo captions on QA tasks, pseudo QA on
+    captioning tasks) and distil the previous model on them."""
+    pseudo_num: int = 4
+    """Pseudo examples per global batch (P4's `pseudo_num`; order 1 uses 4, 1, 4): the task gets
+    round(n_examples · pseudo_num / train.batch_size) pseudo examples, shuffled into its batches."""
+    lambda_kl: float = 1.0
+    """Weight λ_KL of the KD term on pseudo examples (P4's `lambda_kl`; order 1 uses 1.0, 0.5, 0.1)."""
+    temperature: float = 5.0
+    """Softmax temperature T of both KD terms; each KL is multiplied by T² (P4: T = 5)."""
+    ikd: bool = True
+    """IKD: distil the previous model into the current one on text-only instructions, every micro-batch."""
+    text_instruct_num: int = 4
+    """Text-only instructions per micro-batch for IKD (P4's `text_instruct_num`, 4)."""
+    instructions: str | None = None
+    """A JSONL or JSON-list file of text-only instructions for IKD: strings, objects with `conversations`, or
+    objects with `prompt`/`instruction`/`definition`/`text` (+ optional `input`). Default: the training records of
+    the stream's text-only retention tasks (P4 uses Natural Instructions, which is not available offline)."""
+    fusion_alpha: float | None = None
+    """Weight fusion at the end of each task t ≥ 1: θ ← (1−α)·θ_old + α·θ for the trainable language-model
+    parameters (P4's TMLR code, per epoch there, 0.1 / 0.5 in order 1); None: off."""
+
+    def __post_init__(self) -> None:
+        for name in ("pseudo", "ikd"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("pseudo_num", "text_instruct_num"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r} (turn the part off with "
+                                 f"{'pseudo' if name == 'pseudo_num' else 'ikd'}=false)")
+        if not (math.isfinite(self.lambda_kl) and self.lambda_kl >= 0):
+            raise ValueError(f"lambda_kl must be a finite number >= 0, got {self.lambda_kl}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.fusion_alpha is not None and not (0.0 < self.fusion_alpha <= 1.0):
+            raise ValueError(f"fusion_alpha must be in (0, 1] (1 leaves the weights unchanged) or null for no "
+                             f"fusion, got {self.fusion_alpha}")
+        if self.instructions is not None:
+            if not str(self.instructions).strip():
+                raise ValueError("instructions must name a JSONL/JSON file, got an empty string")
+            if not Path(self.instructions).expanduser().is_file():
+                raise ValueError(f"instructions: file not found: {self.instructions}")
+
+
+def load_instructions(path: str | Path) -> list[list[dict]]:
+    """Text-only instructions from a JSONL file or a JSON list, as conversations (human turn + empty answer)."""
+    path = Path(path).expanduser()
+    text = path.read_text()
+    try:
+        if text.lstrip().startswith("["):
+            items = json.loads(text)
+        else:
+            items = [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSONL or a JSON list: {e}") from e
+    out = []
+    for i, item in enumerate(items):
+        where = f"{path}: item {i + 1}"
+        if isinstance(item, dict) and "conversations" in item:
+            conv = item["conversations"]
+            if not (isinstance(conv, list) and conv and all(isinstance(t, dict) and "value" in t for t in conv)):
+                raise ValueError(f"{where}: 'conversations' must be a list of turns with 'from' and 'value'")
+            if conv[-1].get("from") == "human":
+                conv = [*conv, {"from": "gpt", "value": ""}]
+        else:
+            if isinstance(item, str):
+                prompt = item
+            elif isinstance(item, dict):
+                head = next((item[k] for k in ("prompt", "instruction", "definition", "text") if k in item), None)
+                if not isinstance(head, str):
+                    raise ValueError(f"{where}: needs a string 'prompt', 'instruction', 'definition' or 'text' "
+                                     "(or 'conversations')")
+                extra = item.get("input")
+                prompt = head if not extra else f"{head}\n{extra}"
+            else:
+                raise ValueError(f"{where}: expected a string or an object, got {type(item).__name__}")
+            if not prompt.strip():
+                raise ValueError(f"{where}: empty instruction")
+            conv = [{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}]
+        human = "".join(str(t["value"]) for t in conv if t.get("from") == "human")
+        marks = [PLACEHOLDER[m] for m in MODALITIES if PLACEHOLDER[m] in human]
+        if marks:
+            raise ValueError(f"{where}: IKD instructions are text-only, but it contains {marks[0]}")
+        out.append(conv)
+    if not out:
+        raise ValueError(f"{path}: no instructions")
+    return out
+
+
+def select_rows(batch: dict, rows: list[int], token_ids: dict[str, int]) -> dict:
+    """The sub-batch of `rows` (input ids, mask, labels, ids, and the media items of exactly those rows). Media
+    items are matched to rows by their placeholder tokens, in row order, as the model's `embed` does."""
+    index = torch.tensor(rows, device=batch["input_ids"].device, dtype=torch.long)
+    ids = batch["input_ids"].index_select(0, index)
+    media = {}
+    for m, values in batch["media"].items():
+        has = (batch["input_ids"] == token_ids[m]).any(1)
+        if int(has.sum()) != values.shape[0]:
+            raise ValueError(f"{m}: {int(has.sum())} rows hold placeholders, the batch has {values.shape[0]} items")
+        item = torch.cumsum(has.long(), 0) - 1
+        keep = [int(item[r]) for r in rows if bool(has[r])]
+        if keep:
+            media[m] = values.index_select(0, torch.tensor(keep, device=values.device, dtype=torch.long))
+    return {"input_ids": ids, "attention_mask": batch["attention_mask"].index_select(0, index),
+            "labels": batch["labels"].index_select(0, index), "media": media,
+            "ids": [batch["ids"][r] for r in rows]}
+
+
+@register_strategy("moincl")
+class MoInCL(Strategy):
+    """MoInCL, "Modality-Inconsistent Continual Learning of Multimodal Large Language Models" (P4, Pian et al.,
+    arXiv 2412.13050; code weiguoPian/MICL_TMLR): pseudo targets from the previous model (PTGM), KD on them,
+    instruction-based KD (IKD) on text-only instructions, and optional weight fusion.
+
+    Rules, each a switch for P4's ablations:
+    1. Teacher: at the start of task index ≥ 1 the model is deep-copied as a frozen teacher (eval, no grad).
+    2. PTGM (`pseudo`): on a QA task (type qa/mcq/classification) after a captioning task of the same modality,
+       the teacher generates, greedily (`generate_answers`, `eval.batch_size`, `eval.max_new_tokens` or the
+       caption task's max), a caption for chosen training inputs of the current task, prompted by the earlier
+       caption task's own first human turn; on a captioning task after a QA task of the same modality, the
+       teacher answers a question sampled (seeded) from that QA task's training records on each chosen input
+       (P4 loads pseudo QA pairs pre-made by another model from files; mmcl generates them with the previous
+       model). The most recent such earlier task is used; otherwise no pseudo examples. A pseudo example has the
+       input's media, the prompt, and the teacher's text as answer. P4 duplicates `pseudo_num` samples of each
+       batch of 8 into pseudo samples and appends them; here round(n · pseudo_num / train.batch_size) pseudo
+       examples (inputs drawn uniformly without replacement, seeded) join the task's examples in
+       `train_examples`, so about `pseudo_num` per global batch are pseudo, and the loss stays the exact token
+       mean of the global batch (appending per batch would break the engine's normaliser). They join the CE.
+    3. KD on pseudo examples: for the rows of a micro-batch that are pseudo examples, λ_KL·T²·KL(softmax(z_old/T)
+       ‖ softmax(z_new/T)), averaged over their supervised positions (P4 includes all positions, prompt and
+       padding too; mmcl distils the answers the pseudo target is about), teacher under no_grad, LwF's KD function.
+    4. IKD (`ikd`): for every micro-batch of a task index ≥ 1, `text_instruct_num` text-only instructions
+       (sampled without replacement, seeded by run seed, task, step, micro-batch and process) are encoded prompt
+       only and appended to the micro-batch as rows with no supervised label (so the task loss is unchanged and
+       the student runs them in its one forward pass, DDP-safe); T²·KL(teacher ‖ student) averaged over every
+       non-pad position of those rows is added with weight 1 (P4: `batchmean` over all positions, padding too).
+       Instructions: `instructions` file, else the training records of the stream's text-only retention tasks
+       (P4 samples Natural Instructions, not available offline); no source is an error before training.
+    5. Fusion (`fusion_alpha`, off by default): at the end of task index ≥ 1, θ ← (1−α)·θ_old + α·θ for every
+       trainable parameter of the language model (adapters of the modality encoders/projectors are not fused, as
+       without P4's `--projection_fusion`); P4's TMLR code fuses after every epoch, mmcl once at task end.
+    Total: CE(task ∪ pseudo) + λ_KL·L_KD + L_IKD. State: none in the checkpoint — the teacher is the model at the
+    task boundary (rebuilt by `on_task_start`) and pseudo examples are regenerated deterministically (greedy
+    decoding, seeded choices), so a boundary resume is exact; mid-task resume is not supported. Memory: one
+    extra model copy during tasks ≥ 2; compute: generation before the task, a teacher forward per micro-batch.
+    """
+
+    Config = MoInCLOptions
+    needs_teacher = True
+    supports_mid_task_resume = False  # teacher and pseudo examples are rebuilt at task start, not checkpointed
+
+    def __init__(self, config: MoInCLOptions | None = None):
+        super().__init__(config)
+        self.teacher: torch.nn.Module | None = None
+        self.pseudo_ids: set[str] = set()
+        self.pseudo_source: str | None = None  # the earlier task whose prompts made the pseudo examples
+        self._instructions: list[list[dict]] | None = None
+        self._ikd_examples: list[Example] = []
+        self._micro = (-1, 0)  # (task_step, micro-batch counter) for IKD seeding
+
+    # -- setup ------------------------------------------------------------------------------------------------------
+    def instruction_conversations(self, ctx: Context) -> list[list[dict]]:
+        if self.config.instructions is not None:
+            return load_instructions(self.config.instructions)
+        convs = []
+        for task in ctx.stream.retention:
+            if task.modality != "text" or "train" not in task.splits:
+                continue
+            good, _ = read_records(task, "train", allow_outside_root=ctx.config.data.allow_outside_root)
+            convs += [r.conversations for r in good]
+        if not convs:
+            raise ValueError("ikd needs text-only instructions: set strategies.moincl.instructions to a JSONL file, "
+                             "add a text retention task with a train split to the stream, or set ikd=false")
+        return convs
+
+    def prepare_model(self, ctx: Context) -> None:
+        if self.config.ikd and len(ctx.stream.tasks) > 1:
+            self._instructions = self.instruction_conversations(ctx)
+
+    def on_task_start(self, ctx: Context) -> None:
+        self.teacher, self.pseudo_ids, self.pseudo_source, self._micro = None, set(), None, (-1, 0)
+        if ctx.task_index >= 1:
+            teacher = copy.deepcopy(ctx.model)
+            teacher.eval()
+            teacher.requires_grad_(False)
+            self.teacher = teacher
+            if self.config.ikd:
+                if self._instructions is None:
+                    self._instructions = self.instruction_conversations(ctx)
+                self._ikd_examples = [
+                    Example(f"{IKD_PREFIX}-{i}", *ctx.fmt.encode(c, for_generation=True), {}, IKD_PREFIX)
+                    for i, c in enumerate(self._instructions)
+                ]
+
+    # -- PTGM -------------------------------------------------------------------------------------------------------
+    def pseudo_plan(self, ctx: Context) -> tuple[str, Task] | None:
+        """('caption' | 'qa', the earlier task whose prompts are used), or None when PTGM makes nothing."""
+        task = ctx.task
+        if task.type in QA_TYPES:
+            want, kind = CAPTION_TYPES, "caption"
+        elif task.type in CAPTION_TYPES:
+            want, kind = QA_TYPES, "qa"
+        else:
+            return None
+        earlier = [t for t in ctx.seen_tasks if t.type in want and t.modality == task.modality]
+        return (kind, earlier[-1]) if earlier else None
+
+    def train_examples(self, ctx: Context, examples: list[Example]) -> list[Example]:
+        if self.teacher is None or not self.config.pseudo:
+            return examples
+        plan = self.pseudo_plan(ctx)
+        if plan is None:
+            return examples
+        kind, source = plan
+        from mmcl.engine.loop import task_seed
+        from mmcl.eval.generate import generate_answers
+
+        count = round(len(examples) * self.config.pseudo_num / ctx.config.train.batch_size)
+        inputs = ctx.records[ctx.task.name]["train"]
+        if count == 0 or not inputs:
+            return examples
+        g = torch.Generator().manual_seed(task_seed(ctx.seed, ctx.task_index, SEED_PSEUDO))
+        chosen: list[int] = []
+        while len(chosen) < count:  # without replacement, cycling if more pseudo examples than inputs are asked for
+            chosen += torch.randperm(len(inputs), generator=g).tolist()[: count - len(chosen)]
+        source_records = ctx.records[source.name]["train"]
+        if kind == "caption":
+            prompts = [source_records[0].conversations[0]["value"]] * count
+        else:
+            picks = torch.randint(len(source_records), (count,), generator=g).tolist()
+            prompts = [source_records[j].conversations[0]["value"] for j in picks]
+        queries = [
+            Record(f"{PSEUDO_PREFIX}-{k}:{inputs[i].id}",
+                   [{"from": "human", "value": p}, {"from": "gpt", "value": ""}], [], inputs[i].media,
+                   f"pseudo from {source.name}")
+            for k, (i, p) in enumerate(zip(chosen, prompts))
+        ]
+        answers = generate_answers(
+            self.teacher, ctx.fmt, ctx.collator(left_pad=True), queries, ctx.task.name,
+            ctx.config.eval.max_new_tokens or source.max_new_tokens, ctx.config.eval.batch_size, ctx.device,
+            ctx.dtype,
+        )
+        pseudo = []
+        for q, a in zip(queries, answers):
+            conv = [q.conversations[0], {"from": "gpt", "value": a}]
+            pseudo.append(Example(q.id, *ctx.fmt.encode(conv), q.media, ctx.task.name))
+        self.pseudo_ids = {e.id for e in pseudo}
+        self.pseudo_source = source.name
+        return list(examples) + pseudo
+
+    # -- IKD rows ---------------------------------------------------------------------------------------------------
+    def ikd_examples(self, ctx: Context) -> list[Example]:
+        """This micro-batch's instructions: a seeded sample, new for every micro-batch of every step."""
+        from mmcl.engine.loop import task_seed
+
+        step, k = self._micro
+        self._micro = (ctx.task_step, k + 1 if step == ctx.task_step else 0)
+        n = len(self._ikd_examples)
+        seed = task_seed(ctx.seed, ctx.task_index, SEED_IKD)
+        seed = (seed + 1_000_003 * ctx.task_step + 7919 * self._micro[1] + 104_729 * ctx.accelerator.process_index)
+        g = torch.Generator().manual_seed(seed % 2**32)
+        return [self._ikd_examples[i] for i in torch.randperm(n, generator=g)[: self.config.text_instruct_num]]
+
+    def transform_batch(self, ctx: Context, batch: dict) -> dict:
+        if self.teacher is None or not self.config.ikd or not self._ikd_examples:
+            return batch
+        extra = move_batch(ctx.collator()(self.ikd_examples(ctx)), batch["input_ids"].device)
+        # one pad column more than the longest instruction, so every real position has a successor slot
+        width = max(batch["input_ids"].shape[1], extra["input_ids"].shape[1] + 1)
+        pad_id = ctx.tokenizer.pad_token_id
+
+        def widen(t: torch.Tensor, fill: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+
+        out = dict(batch)
+        out["input_ids"] = torch.cat([widen(batch["input_ids"], pad_id), widen(extra["input_ids"], pad_id)])
+        out["attention_mask"] = torch.cat([widen(batch["attention_mask"], 0), widen(extra["attention_mask"], 0)])
+        out["labels"] = torch.cat([widen(batch["labels"], -100), torch.full_like(widen(extra["labels"], -100), -100)])
+        out["ids"] = list(batch["ids"]) + extra["ids"]
+        out["tasks"] = list(batch.get("tasks", [])) + extra["tasks"]
+        return out
+
+    # -- losses -----------------------------------------------------------------------------------------------------
+    def extra_loss(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        ids = batch["ids"]
+        pseudo = [i for i, x in enumerate(ids) if x in self.pseudo_ids] if self.config.lambda_kl > 0 else []
+        ikd = [i for i, x in enumerate(ids) if x.startswith(IKD_PREFIX)]
+        rows = pseudo + ikd
+        if not rows:
+            return None
+        sub = select_rows(batch, rows, ctx.model.token_ids)
+        with torch.no_grad():
+            teacher_logits = ctx.forward(sub, model=self.teacher).logits
+        index = torch.tensor(rows, device=outputs.logits.device, dtype=torch.long)
+        student_logits = outputs.logits.index_select(0, index)
+        temperature = self.config.temperature
+        total = student_logits.sum() * 0.0
+        n_p = len(pseudo)
+        if pseudo:
+            kd = distillation_loss(student_logits[:n_p], teacher_logits[:n_p], sub["labels"][:n_p], temperature)
+            total = total + self.config.lambda_kl * kd
+        if ikd:
+            mask = sub["attention_mask"][n_p:]
+            labels = torch.full_like(mask, -100)  # position j counts iff it is a real token: labels[j + 1] != -100
+            labels[:, 1:] = torch.where(mask[:, :-1] == 1, 0, -100)
+            total = total + distillation_loss(student_logits[n_p:], teacher_logits[n_p:], labels, temperature)
+        return total
+
+    # -- task end ---------------------------------------------------------------------------------------------------
+    def on_task_end(self, ctx: Context) -> None:
+        alpha = self.config.fusion_alpha
+        if self.teacher is not None and alpha is not None and alpha != 1.0:
+            old = dict(self.teacher.named_parameters())
+            with torch.no_grad():
+                for name, p in ctx.trainable_parameters():
+                    if name.startswith("language_model.") and name in old and old[name].shape == p.shape:
+                        p.lerp_(old[name].to(p.dtype), 1.0 - alpha)  # p + (1-α)(old - p) = (1-α)·old + α·p
+        self.teacher = None  # free the copy before evaluation
+        self._ikd_examples = []
