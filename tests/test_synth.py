@@ -64,9 +64,11 @@ def test_different_seed_differs(world: Path, tmp_path: Path) -> None:
 
 def test_world_json_and_stream(world: Path) -> None:
     meta = json.loads((world / "world.json").read_text(encoding="utf-8"))
-    assert meta["format"] == "mmcl-world" and meta["version"] == 1 and meta["seed"] == 3
+    assert meta["format"] == "mmcl-world" and meta["version"] == 2 and meta["seed"] == 3
     assert meta["sizes"] == {"train": 8, "test": 8, "lang_train": 12, "align": 6, "image_size": 32}
-    assert meta["pretrain"] == {"text": [f"tasks/{t}" for t in RETENTION], "align": ["tasks/align"]}
+    assert meta["pretrain"] == {"text": [f"tasks/{t}" for t in RETENTION],
+                                "align": ["tasks/align", "tasks/align_audio", "tasks/align_video"]}
+    assert list(meta["streams"]) == ["image", "micl1", "micl2"]
     stream_file = world / meta["streams"]["image"]
     stream = yaml.safe_load(stream_file.read_text(encoding="utf-8"))
     assert stream["name"] == "image"
@@ -212,3 +214,38 @@ def test_rewrites_existing_world_and_accepts_empty_dir(tmp_path: Path) -> None:
 def test_sizes_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         WorldSizes(**kwargs)
+
+
+MEDIA_TASKS = {"image_cap": "image", "image_qa": "image", "audio_cap": "audio", "audio_qa": "audio",
+               "video_cap": "video", "video_qa": "video", "align_audio": "audio", "align_video": "video"}
+
+
+@pytest.mark.parametrize("task", sorted(MEDIA_TASKS))
+def test_audio_video_and_micl_image_tasks(world: Path, task: str) -> None:
+    modality = MEDIA_TASKS[task]
+    manifest = yaml.safe_load((world / "tasks" / task / "task.yaml").read_text(encoding="utf-8"))
+    assert list(manifest) == MANIFEST_KEYS and manifest["name"] == task and manifest["modality"] == modality
+    assert manifest["type"] == ("caption" if "cap" in task or "align" in task else "qa")
+    assert manifest["scorer"] == ("cider" if manifest["type"] == "caption" else "exact_match")
+    n_train = max(1, SMALL.align // 4) if task.startswith("align") else SMALL.train
+    suffix = {"image": ".png", "audio": ".wav", "video": ".mov"}[modality]
+    for split, n in (("train", n_train), ("test", SMALL.test)):
+        recs = _records(world, task, split)
+        assert len(recs) == n
+        for rec in recs:
+            assert list(rec) == ["id", modality, "conversations", "answers"]
+            assert rec[modality].endswith(suffix) and (world / "tasks" / task / rec[modality]).is_file()
+            human, gpt = rec["conversations"]
+            assert human["value"].startswith(f"<{modality}>\n") and gpt["value"] == rec["answers"][0]
+            assert manifest["max_new_tokens"] >= len(gpt["value"]) + 2
+
+
+def test_micl_caption_answers_name_what_was_generated(world: Path) -> None:
+    for rec in _records(world, "audio_cap", "train") + _records(world, "audio_cap", "test"):
+        words = rec["answers"][0].split()
+        assert words[0] in ("one", "two", "three") and words[1] in ("low", "medium", "high")
+        assert words[2] in ("sine", "square", "sawtooth") and words[3] == ("beep" if words[0] == "one" else "beeps")
+        assert len(set(rec["answers"])) == 3
+    for rec in _records(world, "video_cap", "test"):
+        assert re.fullmatch(r"a \w+ \w+ (moving (to the left|to the right|up|down)|growing|shrinking|turning \w+)",
+                            rec["answers"][0]), rec["answers"][0]

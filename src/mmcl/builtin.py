@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,21 +19,28 @@ def mmcl_home() -> Path:
 def builtin_world(*, progress: bool = True, log=print) -> Path:
     """The default world directory, synthesized (deterministically, seed 0) if it does not exist yet."""
     from mmcl.data.synth import write_world
+    from mmcl.data.synth.world import VERSION
 
     path = mmcl_home() / f"world-seed{WORLD_SEED}"
-    if not (path / "world.json").exists():
-        log(f"writing the built-in world to {path} (once)")
+    index = path / "world.json"
+    stale = index.exists() and json.loads(index.read_text()).get("version") != VERSION
+    if not index.exists() or stale:
+        log(f"writing the built-in world to {path} (once)" + (": the cached one is from an older mmcl" if stale else ""))
         write_world(path, seed=WORLD_SEED, progress=progress)
     return path
 
 
 def builtin_model(*, progress: bool = True, log=print) -> Path:
     """The tiny base model directory, pre-trained on the built-in world if it is not cached yet (~2 min on a CPU)."""
+    from mmcl.models.builder import TINY_MODALITIES
     from mmcl.pretrain import pretrain
 
     path = mmcl_home() / "models" / "tiny"
-    if not (path / "mmcl_model.json").exists():
-        log(f"pre-training the tiny base model into {path} (once, about two minutes on a CPU)")
+    index = path / "mmcl_model.json"
+    stale = index.exists() and set(json.loads(index.read_text())["modalities"]) != set(TINY_MODALITIES)
+    if not index.exists() or stale:
+        why = ": the cached one (from an older mmcl) lacks the audio/video towers" if stale else ""
+        log(f"pre-training the tiny base model into {path} (once, about two minutes on a CPU){why}")
         pretrain(builtin_world(progress=progress, log=log), path, progress=progress, log=log)
     return path
 

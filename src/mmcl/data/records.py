@@ -297,7 +297,8 @@ def _check_record(obj, task: Task, seen: set[str]) -> str | None:
 
 
 def check_media_file(modality: str, path: Path) -> str | None:
-    """Why a media file cannot be decoded, or None. Cheap checks only: header decode, not the full file."""
+    """Why a media file cannot be decoded, or None. Cheap checks only: header decode, not the full file. A video
+    may be a file PyAV opens or a folder of frame images (the first frame is checked)."""
     if not path.exists():
         return f"{modality} file not found: {path}"
     if path.stat().st_size == 0:
@@ -312,7 +313,16 @@ def check_media_file(modality: str, path: Path) -> str | None:
             import soundfile
 
             soundfile.info(str(path))
-        elif modality == "video" and not path.is_dir():
+        elif modality == "video" and path.is_dir():  # a folder of frame images, taken in name order
+            from PIL import Image
+
+            suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # as mmcl.models.builder.load_video reads
+            frames = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
+            if not frames:
+                return f"video frame folder holds no frame images ({', '.join(suffixes)}): {path}"
+            with Image.open(frames[0]) as im:
+                im.verify()
+        elif modality == "video":
             import av
 
             with av.open(str(path)) as c:

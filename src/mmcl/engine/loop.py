@@ -175,7 +175,12 @@ def check_resume_config(saved: dict, current: dict, log=print) -> None:
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision)
+    from accelerate import DistributedDataParallelKwargs
+
+    # A stream mixing modalities trains every projector it uses, but a batch of one task feeds only its own: DDP must
+    # expect parameters without a gradient in a step.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision, kwargs_handlers=[ddp])
 
 
 def set_trainable(model: torch.nn.Module, parts: list[str], modalities: set[str] | None = None) -> None:
@@ -244,6 +249,13 @@ def build_context(
     records, problems = preflight(stream, cfg, log=log)
     strategies = build_strategies(cfg.strategies)
     modalities = {t.modality for t in stream.all_tasks if t.modality != "text"}
+    unread = sorted(modalities - set(model.modalities))
+    if unread:
+        raise ConfigError(
+            f"the stream has {', '.join(unread)} tasks but the model reads only {sorted(model.modalities)}; use a model "
+            "with those encoders (the built-in tiny model reads image, audio and video; "
+            "mmcl.models.builder.assemble_model composes one from Hugging Face parts)"
+        )
     check_composition(strategies, modalities=modalities, num_processes=accelerator.num_processes)
     no_mid = [s.name for s in strategies if not s.supports_mid_task_resume]
     if cfg.checkpoint.every_steps and no_mid:

@@ -7,7 +7,8 @@ and the projected features are scattered into those positions before the languag
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -15,20 +16,59 @@ from torch import nn
 from transformers import PreTrainedModel
 
 
+# P4's modality cues (" image: " etc.), for models that want them; the built-in tiny model uses none.
+P4_CUES = {"image": " image: ", "audio": " audio: ", "video": " video: "}
+POOL_MODES = ("1d", "grid")
+
+
 @dataclass
 class ModalitySpec:
-    """How one modality reaches the language model: its encoder, which features, and its projector."""
+    """How one modality reaches the language model: its encoder, which features, and its projector.
+
+    Every field has a default that reproduces an image modality of the first model format, so older
+    `mmcl_model.json` files load unchanged. Images feed (N, 3, S, S) pixels; video feeds (N, T, 3, S, S) clips that
+    go frame by frame through an image encoder (`encoder="image"`: the weights are shared, as P4 shares one EVA-CLIP)
+    and whose per-frame tokens are concatenated in time order; audio feeds (N, n_mels, frames) log-mel features.
+    """
 
     placeholder: str  # text placeholder written in the records, e.g. "<image>"
-    num_tokens: int  # feature positions per item after selection and pooling
-    projector: str = "mlp2x_gelu"  # "mlp2x_gelu" (LLaVA-1.5) or "linear"
+    num_tokens: int  # feature positions per item after selection and pooling (video: frames x tokens per frame)
+    projector: str = "mlp2x_gelu"  # "mlp2x_gelu" (LLaVA-1.5) or "linear" (P4)
     feature_layer: int = -1  # hidden-state layer of the encoder to read
     select: str = "patch"  # "patch" drops a leading CLS token, "full" keeps every token
-    pool: int = 1  # average-pool this many consecutive tokens into one (1 = none)
-    image_size: int = 32  # input resolution for image-like encoders
+    pool: int = 1  # "1d": average this many consecutive tokens; "grid": average pool x pool windows of the patch grid
+    image_size: int = 32  # input resolution for image-like encoders (images and video frames)
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     cue: str = ""  # text put before the features (P4's modality cue); empty for LLaVA-style models
+    encoder: str | None = None  # name of the encoder in the model's encoders; None = the modality's own name
+    frames: int = 0  # video: frames sampled per clip (the input is (N, frames, 3, S, S)); 0 = not a clip
+    pool_mode: str = "1d"  # how `pool` averages tokens: "1d" (consecutive) or "grid" (square windows of patches)
+    sampling_rate: int = 16000  # audio: waveforms are resampled to this rate (Hz)
+    seconds: int = 30  # audio: clips are padded or cut to this many seconds (Whisper: 30; the tiny tower: 1)
+    n_mels: int = 80  # audio: log-mel bins
+
+    def __post_init__(self) -> None:
+        if self.pool_mode not in POOL_MODES:
+            raise ValueError(f"ModalitySpec.pool_mode must be one of {POOL_MODES}, got {self.pool_mode!r}")
+        if self.pool < 1 or self.frames < 0 or self.num_tokens < 1:
+            raise ValueError(f"ModalitySpec: pool >= 1, frames >= 0 and num_tokens >= 1 are required, got pool "
+                             f"{self.pool}, frames {self.frames}, num_tokens {self.num_tokens}")
+        if self.frames and self.num_tokens % self.frames:
+            raise ValueError(f"ModalitySpec: num_tokens {self.num_tokens} must be frames ({self.frames}) x tokens "
+                             "per frame")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModalitySpec:
+        """A spec from its JSON form; unknown fields are an error naming them (a newer mmcl wrote the file)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown modality spec field(s) {unknown}; known: {sorted(known)} "
+                "(was the model saved by a newer mmcl?)"
+            )
+        return cls(**data)
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -40,6 +80,22 @@ def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     raise ValueError(f"unknown projector type {kind!r}: use 'mlp2x_gelu' or 'linear'")
 
 
+def pool_tokens(feats: torch.Tensor, pool: int, mode: str = "1d") -> torch.Tensor:
+    """Average-pool (N, T, D) tokens: "1d" averages `pool` consecutive tokens (a trailing remainder is dropped);
+    "grid" treats T as a square patch grid and averages pool x pool windows (rows of the grid that do not fill a
+    window are dropped), keeping the row-major order."""
+    if pool <= 1:
+        return feats
+    n, t, d = feats.shape
+    if mode == "1d":
+        return feats[:, : t - t % pool].reshape(n, t // pool, pool, d).mean(2)
+    side = math.isqrt(t)
+    if side * side != t:
+        raise ValueError(f"grid pooling needs a square number of tokens, got {t} (select 'patch' drops a CLS token)")
+    grid = feats.transpose(1, 2).reshape(n, d, side, side)
+    return nn.functional.avg_pool2d(grid, pool).flatten(2).transpose(1, 2)
+
+
 def encoder_hidden_size(encoder: nn.Module) -> int:
     cfg = encoder.config
     return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model"))
@@ -47,6 +103,10 @@ def encoder_hidden_size(encoder: nn.Module) -> int:
 
 class MultimodalLM(nn.Module):
     """Encoders and projectors per modality in front of a causal LM; forward and generate take token ids plus media.
+
+    `encoders` is keyed by encoder name; a modality reads the encoder its spec names (`spec.encoder`), or the one
+    of its own name, so several modalities can share one tower (video frames go through the image tower, and the
+    tower is one module, not a copy). Each modality has its own projector.
 
     `language_model` may be a plain `PreTrainedModel` or a PEFT wrapper around one; LoRA and IA3 only ever wrap the
     language model, so the vision tower cannot be adapted by accident.
@@ -64,24 +124,56 @@ class MultimodalLM(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.modalities = modalities
         self.token_ids = dict(token_ids)  # modality -> placeholder token id
+        missing = {m: self.encoder_name(m) for m in modalities if self.encoder_name(m) not in self.encoders}
+        if missing:
+            raise ValueError(
+                "modalities without an encoder: "
+                + ", ".join(f"{m} reads encoder {e!r}" for m, e in sorted(missing.items()))
+                + f"; the encoders are {sorted(self.encoders)}"
+            )
         hidden = language_model.get_input_embeddings().embedding_dim
         self.projectors = nn.ModuleDict(
-            {m: build_projector(s.projector, encoder_hidden_size(encoders[m]), hidden) for m, s in modalities.items()}
+            {
+                m: build_projector(s.projector, encoder_hidden_size(self.encoders[self.encoder_name(m)]), hidden)
+                for m, s in modalities.items()
+            }
         )
 
+    def encoder_name(self, modality: str) -> str:
+        """Name of the encoder `modality` reads (its spec's `encoder`, else its own name)."""
+        return self.modalities[modality].encoder or modality
+
+    def encoder_for(self, modality: str) -> nn.Module:
+        return self.encoders[self.encoder_name(modality)]
+
     # -- features ---------------------------------------------------------------------------------------------------
-    def encode(self, modality: str, media: torch.Tensor) -> torch.Tensor:
-        """Features of a batch of media items, shape (N, num_tokens, lm_hidden)."""
+    def encoder_features(self, modality: str, media: torch.Tensor) -> torch.Tensor:
+        """Selected and pooled encoder features before the projector, shape (N, num_tokens, encoder_hidden).
+
+        A video clip batch (N, T, 3, S, S) runs as N*T frames through the encoder; each frame's tokens are selected
+        and pooled on their own, then the frames are concatenated in time order.
+        """
         spec = self.modalities[modality]
-        enc = self.encoders[modality]
-        out = enc(media, output_hidden_states=spec.feature_layer != -1)
+        clips = None
+        if spec.frames:
+            if media.dim() < 3 or media.shape[1] != spec.frames:
+                raise ValueError(
+                    f"{modality}: expected clips of shape (N, {spec.frames}, ...), got {tuple(media.shape)}"
+                )
+            clips = media.shape[:2]
+            media = media.reshape(clips[0] * clips[1], *media.shape[2:])
+        out = self.encoder_for(modality)(media, output_hidden_states=spec.feature_layer != -1)
         feats = out.last_hidden_state if spec.feature_layer == -1 else out.hidden_states[spec.feature_layer]
         if spec.select == "patch":
             feats = feats[:, 1:]
-        if spec.pool > 1:
-            n, t, d = feats.shape
-            feats = feats[:, : t - t % spec.pool].reshape(n, t // spec.pool, spec.pool, d).mean(2)
-        return self.projectors[modality](feats)
+        feats = pool_tokens(feats, spec.pool, spec.pool_mode)
+        if clips is not None:
+            feats = feats.reshape(clips[0], clips[1] * feats.shape[1], feats.shape[2])
+        return feats
+
+    def encode(self, modality: str, media: torch.Tensor) -> torch.Tensor:
+        """Features of a batch of media items, shape (N, num_tokens, lm_hidden)."""
+        return self.projectors[modality](self.encoder_features(modality, media))
 
     def embed(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings with each modality's placeholder positions replaced by its projected features."""

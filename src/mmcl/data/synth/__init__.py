@@ -1,5 +1,5 @@
 """The built-in offline world: a deterministic generator of small multimodal and language tasks in LLaVA format."""
 
-from .world import WorldSizes, world_texts, write_world
+from .world import MICL_ORDERS, WorldSizes, world_texts, write_world
 
-__all__ = ["WorldSizes", "world_texts", "write_world"]
+__all__ = ["MICL_ORDERS", "WorldSizes", "world_texts", "write_world"]

@@ -161,3 +161,23 @@ STREAM_TASKS: tuple[TaskSpec, ...] = (
 )
 ALIGN_TASK = TaskSpec("align", "image", "caption", "cider",
                       "Projector alignment pairs (LLaVA stage 1): an image of one shape and its short caption.", align)
+
+
+IMAGE_QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?"}
+
+
+def image_qa(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
+    """OK-VQA stand-in for the MICL streams: one shape, asked either its colour or its shape (balanced)."""
+    for kind_of_question in balanced(rng, tuple(IMAGE_QUESTIONS), n):
+        kind, colour = rng.choice(SHAPES), rng.choice(COLOUR_NAMES)
+        img = _single_shape(rng, size, kind, colour)
+        answer = colour if kind_of_question == "colour" else kind
+        yield Sample(f"{IMAGE_QUESTIONS[kind_of_question]}\n{SHORT_ANSWER}", answer, [answer], img)
+
+
+# The image tasks of the MICL streams (P4: Flickr30k captions, OK-VQA).
+MICL_IMAGE_TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec("image_cap", "image", "caption", "cider", "Describe the image briefly (Flickr30k-like).", caption),
+    TaskSpec("image_qa", "image", "qa", "exact_match", "What colour is the shape, or what shape is it (OK-VQA-like)?",
+             image_qa),
+)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 from PIL import Image
 
 T = TypeVar("T")
@@ -17,15 +18,18 @@ SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 @dataclass
 class Sample:
-    """One generated example: optional image, the human prompt (without the <image> placeholder), gold answer."""
+    """One generated example: the human prompt (without a placeholder), the gold answer, and at most one medium:
+    an image, an audio waveform (mono float32 at `sounds.SAMPLE_RATE`) or a video (a list of equal-sized frames)."""
 
     prompt: str
     answer: str
     answers: list[str] = field(default_factory=list)  # every acceptable reference; defaults to [answer]
     image: Image.Image | None = None
+    audio: np.ndarray | None = None
+    video: list[Image.Image] | None = None
 
 
-Generator = Callable[[random.Random, int, int], Iterator[Sample]]  # (rng, n, image_size) -> n samples
+Generator = Callable[[random.Random, int, int], Iterator[Sample]]  # (rng, n, image_size) -> n samples (frames too)
 
 
 @dataclass(frozen=True)

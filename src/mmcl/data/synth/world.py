@@ -1,4 +1,10 @@
-"""Write the whole offline world (tasks, streams, world.json) to disk, deterministically from a seed."""
+"""Write the whole offline world (tasks, streams, world.json) to disk, deterministically from a seed.
+
+Layout: tasks/<name>/{task.yaml, train.jsonl, test.jsonl, images/*.png | audio/*.wav | video/*.mov}; streams/image.yaml
+(seven CoIN-like image tasks), streams/micl1.yaml and streams/micl2.yaml (P4's modality-inconsistent stream in its two
+orders); world.json names the streams and the pre-training data (language skills; image, audio and video alignment).
+Media are byte-stable: PNG without metadata, 16-bit PCM WAV, PNG-in-QuickTime clips with bitexact flags (clips.py).
+"""
 
 from __future__ import annotations
 
@@ -13,19 +19,38 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from .image_tasks import ALIGN_TASK, STREAM_TASKS
+from .audio_tasks import AUDIO_ALIGN_TASK, AUDIO_TASKS
+from .clips import SUFFIX as CLIP_SUFFIX
+from .clips import clip_bytes
+from .image_tasks import ALIGN_TASK, MICL_IMAGE_TASKS, STREAM_TASKS
 from .shapes import png_bytes
+from .sounds import SAMPLE_RATE, wav_bytes
 from .spec import TaskSpec
 from .text_tasks import text_tasks
+from .video_tasks import VIDEO_ALIGN_TASK, VIDEO_TASKS
 
 FORMAT = "mmcl-world"
-VERSION = 1
+VERSION = 2  # 2: audio and video tasks, the MICL streams
 STREAM_DESCRIPTION = "Seven image instruction tasks in the spirit of CoIN; language skills as retention tasks."
+MICL_TASKS: tuple[TaskSpec, ...] = (*MICL_IMAGE_TASKS, *AUDIO_TASKS, *VIDEO_TASKS)
+# P4's two task orders (AudioCaps, Flickr30k, MSVD-QA, Clotho-AQA, OK-VQA, MSR-VTT and the second permutation).
+MICL_ORDERS: dict[str, tuple[str, ...]] = {
+    "micl1": ("audio_cap", "image_cap", "video_qa", "audio_qa", "image_qa", "video_cap"),
+    "micl2": ("image_cap", "video_cap", "video_qa", "image_qa", "audio_cap", "audio_qa"),
+}
+MICL_DESCRIPTION = ("Modality-inconsistent stream (P4, order {k}): image, audio and video captioning and QA; "
+                    "language skills as retention tasks.")
+MEDIA_DIRS = {"image": "images", "audio": "audio", "video": "video"}
 
 
 @dataclass
 class WorldSizes:
-    """How many records each part of the world gets, and the image side in pixels."""
+    """How many records each part of the world gets, and the image side in pixels.
+
+    `train`/`test` size every stream task, image, audio and video alike (the MICL tasks included); the audio and
+    video alignment sets get `align // 4` pairs each (the image alignment set `align`); video frames are
+    `image_size` pixels square.
+    """
 
     train: int = 192  # train records per stream task
     test: int = 48  # test records per task (stream tasks and retention tasks)
@@ -40,6 +65,11 @@ class WorldSizes:
                 raise ValueError(f"WorldSizes.{f.name} must be a positive int, got {value!r}")
         if not 16 <= self.image_size <= 512:
             raise ValueError(f"WorldSizes.image_size must be between 16 and 512, got {self.image_size}")
+
+    @property
+    def media_align(self) -> int:
+        """Alignment pairs for each of the audio and video towers."""
+        return max(1, self.align // 4)
 
 
 def _write_split(task_dir: Path, spec: TaskSpec, split: str, n: int, seed: int, image_size: int,
@@ -57,6 +87,16 @@ def _write_split(task_dir: Path, spec: TaskSpec, split: str, n: int, seed: int, 
             (task_dir / rel).write_bytes(png_bytes(sample.image))
             rec["image"] = rel
             human = "<image>\n" + human
+        elif sample.audio is not None:
+            rel = f"audio/{rec_id}.wav"
+            (task_dir / rel).write_bytes(wav_bytes(sample.audio, SAMPLE_RATE))
+            rec["audio"] = rel
+            human = "<audio>\n" + human
+        elif sample.video is not None:
+            rel = f"video/{rec_id}{CLIP_SUFFIX}"
+            (task_dir / rel).write_bytes(clip_bytes(sample.video))
+            rec["video"] = rel
+            human = "<video>\n" + human
         rec["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": sample.answer}]
         rec["answers"] = sample.answers or [sample.answer]
         lines.append(json.dumps(rec, ensure_ascii=False, sort_keys=False))
@@ -71,8 +111,8 @@ def _write_task(root: Path, train: TaskSpec, test: TaskSpec, n_train: int, n_tes
     """Write tasks/<name>/ (manifest, splits, images); return its path relative to `root`."""
     task_dir = root / "tasks" / train.name
     task_dir.mkdir(parents=True)
-    if train.modality == "image":
-        (task_dir / "images").mkdir()
+    if train.modality in MEDIA_DIRS:
+        (task_dir / MEDIA_DIRS[train.modality]).mkdir()
     longest = max(_write_split(task_dir, train, "train", n_train, seed, image_size, bar),
                   _write_split(task_dir, test, "test", n_test, seed, image_size, bar))
     manifest = {
@@ -117,15 +157,21 @@ def write_world(out: Path, seed: int = 0, sizes: WorldSizes | None = None, progr
         shutil.rmtree(tmp)
     tmp.mkdir()
     text = text_tasks(seed)
-    total = (len(STREAM_TASKS) * (sizes.train + sizes.test) + len(text) * (sizes.lang_train + sizes.test)
-             + sizes.align + sizes.test)
+    media_align = (AUDIO_ALIGN_TASK, VIDEO_ALIGN_TASK)
+    total = ((len(STREAM_TASKS) + len(MICL_TASKS)) * (sizes.train + sizes.test)
+             + len(text) * (sizes.lang_train + sizes.test) + sizes.align + sizes.test
+             + len(media_align) * (sizes.media_align + sizes.test))
     try:
         with tqdm(total=total, desc="writing world", unit="rec", disable=not progress) as bar:
             stream = [_write_task(tmp, s, s, sizes.train, sizes.test, seed, sizes.image_size, bar)
                       for s in STREAM_TASKS]
             retention = [_write_task(tmp, tr, te, sizes.lang_train, sizes.test, seed, sizes.image_size, bar)
                          for tr, te in text]
-            align = _write_task(tmp, ALIGN_TASK, ALIGN_TASK, sizes.align, sizes.test, seed, sizes.image_size, bar)
+            align = [_write_task(tmp, ALIGN_TASK, ALIGN_TASK, sizes.align, sizes.test, seed, sizes.image_size, bar)]
+            align += [_write_task(tmp, s, s, sizes.media_align, sizes.test, seed, sizes.image_size, bar)
+                      for s in media_align]
+            micl = {s.name: _write_task(tmp, s, s, sizes.train, sizes.test, seed, sizes.image_size, bar)
+                    for s in MICL_TASKS}
         (tmp / "streams").mkdir()
         _write_yaml(tmp / "streams" / "image.yaml", {
             "name": "image",
@@ -133,13 +179,20 @@ def write_world(out: Path, seed: int = 0, sizes: WorldSizes | None = None, progr
             "tasks": [f"../{t}" for t in stream],
             "retention": [f"../{t}" for t in retention],
         })
+        for name, order in MICL_ORDERS.items():
+            _write_yaml(tmp / "streams" / f"{name}.yaml", {
+                "name": name,
+                "description": MICL_DESCRIPTION.format(k=name[-1]),
+                "tasks": [f"../{micl[t]}" for t in order],
+                "retention": [f"../{t}" for t in retention],
+            })
         world = {
             "format": FORMAT,
             "version": VERSION,
             "seed": seed,
             "sizes": asdict(sizes),
-            "streams": {"image": "streams/image.yaml"},
-            "pretrain": {"text": retention, "align": [align]},
+            "streams": {"image": "streams/image.yaml", **{k: f"streams/{k}.yaml" for k in MICL_ORDERS}},
+            "pretrain": {"text": retention, "align": align},
         }
         (tmp / "world.json").write_text(json.dumps(world, indent=2) + "\n", encoding="utf-8")
         if out.exists():
