@@ -81,7 +81,7 @@ def pretrain_vision(model, records, media, steps: int, *, seed: int, batch_size:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progress: bool = True, log=print) -> Path:
@@ -104,9 +104,9 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     align_tasks = [load_task(world / p) for p in index["pretrain"]["align"]]
 
     if cfg.vision_steps and "image" in model.encoders:
-        log(f"pretrain 0/2: vision tower on the words of {sum(len(_records(t, 'train')) for t in align_tasks)} captions")
-        pretrain_vision(model, [r for t in align_tasks for r in _records(t, "train") if "image" in r.media], media,
-                        cfg.vision_steps, seed=cfg.seed, progress=progress)
+        captioned = [r for t in align_tasks for r in _records(t, "train") if "image" in r.media]
+        log(f"pretrain 0/2: vision tower on the words of {len(captioned)} image captions")
+        pretrain_vision(model, captioned, media, cfg.vision_steps, seed=cfg.seed, progress=progress)
 
     # stage 1: language skills, whole language model trained
     for p in model.parameters():
