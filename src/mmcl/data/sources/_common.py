@@ -111,6 +111,23 @@ def read_csv(source: Source, path: Path, columns: Iterable[str]) -> list[dict[st
         return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
 
 
+def choose_splits(
+    source: Source, by_split: dict[str, list], requested, what: str, where: str
+) -> tuple[list[str], list[str]]:
+    """The splits to write and notes: every non-empty split (noting the skipped ones), or exactly the requested
+    ones, each of which must hold items."""
+    if requested is None:
+        chosen = [s for s in source.splits if by_split[s]]
+        notes = [f"skipping split {s!r}: no {what} with that split in {where}" for s in source.splits if s not in chosen]
+        if not chosen:
+            raise source.error(f"no {what} in {where}")
+        return chosen, notes
+    empty = [s for s in requested if not by_split[s]]
+    if empty:
+        raise source.error(f"no {what} of split(s) {', '.join(empty)} in {where}")
+    return list(requested), []
+
+
 def majority(answers: list[str]) -> str:
     """The most common answer; ties go to the one given first."""
     counts = Counter(answers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import Converted, Item, Source, read_json
+from ._common import Converted, Item, Source, choose_splits, read_json
 
 LAYOUT = """\
 SRC/
@@ -33,16 +33,7 @@ def read(source: Source, src: Path, requested: list[str] | None) -> Converted:
         captions = [c for c in captions if c]
         if split in by_split and captions:
             by_split[split].append(Item(Path(filename).stem, filename, PROMPT, captions[0], captions))
-    present = [s for s in source.splits if by_split[s]]
-    if requested is None:
-        chosen = present
-        notes = [f"skipping split {s!r}: no images with that split in {ann}"
-                 for s in source.splits if s not in present]
-    else:
-        chosen, notes = list(requested), []
-        empty = [s for s in chosen if not by_split[s]]
-        if empty:
-            raise source.error(f"no captioned images of split(s) {', '.join(empty)} in {ann}")
+    chosen, notes = choose_splits(source, by_split, requested, "captioned images", str(ann))
     return Converted(images_dir, {s: by_split[s] for s in chosen}, notes)
 
 

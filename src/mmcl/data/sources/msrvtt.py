@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import Converted, Item, Source, read_json
+from ._common import Converted, Item, Source, choose_splits, read_json
 
 LAYOUT = """\
 SRC/
@@ -56,17 +56,7 @@ def read(source: Source, src: Path, requested: list[str] | None) -> Converted:
         folder = next((f for f in folders if (root / f"{f}{vid}.mp4").is_file()), default)
         refs = captions[vid]
         by_split[split].append(Item(vid, f"{folder}{vid}.mp4", PROMPT, refs[0], refs))
-    if requested is None:
-        chosen = [s for s in source.splits if by_split[s]]
-        notes = [f"skipping split {s!r}: no videos with that split in {', '.join(map(str, infos))}"
-                 for s in source.splits if s not in chosen]
-        if not chosen:
-            raise source.error(f"no captioned videos in {', '.join(map(str, infos))}")
-    else:
-        chosen, notes = list(requested), []
-        empty = [s for s in chosen if not by_split[s]]
-        if empty:
-            raise source.error(f"no captioned videos of split(s) {', '.join(empty)} in {', '.join(map(str, infos))}")
+    chosen, notes = choose_splits(source, by_split, requested, "captioned videos", ", ".join(map(str, infos)))
     return Converted(root, {s: by_split[s] for s in chosen}, notes)
 
 
