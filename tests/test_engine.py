@@ -178,22 +178,12 @@ def test_unknown_strategy_and_bad_composition_are_refused_before_training(micro_
 
 
 def test_stream_runs_from_a_saved_llava_checkpoint(micro_overrides, micro_model, tmp_path):
-    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from test_models import _tiny_llava
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(micro_model / "tokenizer")
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
     llava_dir = tmp_path / "llava-tiny"
-    LlavaForConditionalGeneration(cfg).save_pretrained(llava_dir)
+    _tiny_llava(tok, -1, "default").save_pretrained(llava_dir)
     tok.save_pretrained(llava_dir)
     before = {p.name: p.read_bytes() for p in llava_dir.iterdir()}
 
