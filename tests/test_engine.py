@@ -216,7 +216,14 @@ def test_compare_aggregates_methods_over_seeds_and_skips_finished_runs(micro_ove
     finals = [json.loads((tmp_path / "cmp" / "sequential" / f"seed-{s}" / "metrics.json").read_text())
               ["final_average_accuracy"] for s in (0, 1)]
     assert summary["sequential"]["final_average_accuracy"]["mean"] == pytest.approx(sum(finals) / 2)
-    assert "| sequential |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| sequential |" in md
+    # the final score per task is the mean of the runs' last matrix rows, and every run's matrix is listed
+    last = [json.loads((tmp_path / "cmp" / "sequential" / f"seed-{s}" / "matrix.json").read_text())["rows"][-1]
+            ["scores"]["shape_cls"] for s in (0, 1)]
+    assert summary["sequential"]["final_per_task"]["shape_cls"]["mean"] == pytest.approx(sum(last) / 2)
+    assert "## Final score per task" in md and "| method | color_qa | shape_cls |" in md
+    assert all(f"### {m}, seed-{s}" in md for m in ("sequential", "lora+joint") for s in (0, 1))
     assert (tmp_path / "cmp" / "accuracy_vs_forgetting.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(args) == 0  # a re-run skips the four complete runs

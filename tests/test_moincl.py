@@ -13,6 +13,8 @@ import yaml
 
 import mmcl.report
 from mmcl.config import ConfigError, load_config
+from mmcl.data.batching import Example
+from mmcl.data.records import Record
 from mmcl.engine import loop
 from mmcl.engine.train import token_cross_entropy_sum
 from mmcl.eval.generate import generate_answers
@@ -82,6 +84,9 @@ def test_options_are_validated_with_the_option_named(tmp_path):
         ({"temperature": 0.0}, "temperature"),
         ({"fusion_alpha": 0.0}, "fusion_alpha must be in"),
         ({"fusion_alpha": 1.5}, "fusion_alpha"),
+        ({"fusion_every": "step"}, "fusion_every must be 'epoch' or 'task'"),
+        ({"ikd_mode": "ce"}, "ikd_mode must be 'kl' or 'pseudo'"),
+        ({"ikd_max_new_tokens": 0}, "ikd_max_new_tokens must be an integer >= 1"),
         ({"instructions": ""}, "instructions must name"),
         ({"instructions": str(tmp_path / "none.jsonl")}, "instructions: file not found"),
         ({"pseudo": "yes"}, "pseudo must be true or false"),
@@ -99,7 +104,7 @@ def test_options_are_validated_with_the_option_named(tmp_path):
     assert ok.temperature == 5.0 and ok.lambda_kl == 1.0 and ok.pseudo_num == 4 and ok.text_instruct_num == 4
     cls = get_strategy("moincl")
     assert cls.needs_teacher and not cls.supports_mid_task_resume and not cls.provides_peft
-    for word in ("P4", "PTGM", "IKD", "Fusion", "State", "Natural Instructions", "task end"):
+    for word in ("P4", "PTGM", "IKD", "Fusion", "State", "Natural Instructions", "every epoch", "per_task"):
         assert word in cls.__doc__
 
 
@@ -301,20 +306,51 @@ def test_ikd_instructions_longer_than_the_batch(overrides, tmp_path):
     assert got.item() == pytest.approx(want.item(), rel=1e-4) and want.item() > 0
 
 
-def test_fusion_blends_the_language_model_with_the_teacher(overrides):
+@pytest.mark.parametrize("every", ["epoch", "task"])
+def test_fusion_blends_the_language_model_with_the_teacher(overrides, every):
+    """θ ← (1−α)·θ_old + α·θ on the language model only, after each epoch (P4's code) or once at the task's end."""
     ctx = make_ctx(overrides("fuse", **{"data.train_limit": 8}))
-    s = MoInCL(MoInCLOptions(pseudo=False, ikd=False, fusion_alpha=0.25))
+    s = MoInCL(MoInCLOptions(pseudo=False, ikd=False, fusion_alpha=0.25, fusion_every=every))
     at_task_1(ctx, s)
     old = {n: p.detach().clone() for n, p in ctx.trainable_parameters()}
-    with torch.no_grad():
-        for _, p in ctx.trainable_parameters():
-            p.add_(1.0)
-    s.on_task_end(ctx)
     lm = [n for n in old if n.startswith("language_model.")]
-    assert lm and s.teacher is None
-    for n, p in ctx.trainable_parameters():
-        want = old[n] + 0.25 if n in lm else old[n] + 1.0
-        assert torch.allclose(p, want, atol=1e-6), n
+    assert lm and len(lm) < len(old)
+
+    def moved_by(offset: float) -> None:  # θ = θ_old + offset·1 before the hook under test
+        with torch.no_grad():
+            for n, p in ctx.trainable_parameters():
+                p.copy_(old[n] + offset)
+
+    def check(lm_offset: float, other_offset: float) -> None:
+        for n, p in ctx.trainable_parameters():
+            assert torch.allclose(p, old[n] + (lm_offset if n in lm else other_offset), atol=1e-6), n
+
+    moved_by(1.0)
+    s.on_epoch_end(ctx)
+    check(0.25, 1.0) if every == "epoch" else check(1.0, 1.0)
+    moved_by(2.0)  # a second epoch fuses again, always towards the previous-task model
+    s.on_epoch_end(ctx)
+    check(0.5, 2.0) if every == "epoch" else check(2.0, 2.0)
+    s.on_task_end(ctx)
+    check(0.5, 2.0) if every == "epoch" else check(0.5, 2.0)
+    assert s.teacher is None
+
+
+def test_p4_order1_recipe_sets_its_per_step_table(micro_world):
+    """configs/micl/order1_moincl_p4.yaml: fusion 0.1 then 0.5, pseudo_num 4/1/4 and λ_KL 1.0/0.5/0.1 on the
+    three steps that make pseudo targets, keyed by task names of the MICL stream."""
+    recipe = Path(__file__).parent.parent / "configs" / "micl" / "order1_moincl_p4.yaml"
+    s, = build_strategies(load_config(recipe).strategies)
+    tasks = yaml.safe_load((micro_world / "streams" / "micl1.yaml").read_text())["tasks"]
+    names = [Path(t).name for t in tasks]
+    table = []
+    for name in names:
+        s.use_task(name)
+        table.append((name, s.config.fusion_alpha, s.config.pseudo_num, s.config.lambda_kl, s.config.fusion_every))
+    assert table == [
+        ("audio_cap", 0.1, 4, 1.0, "epoch"), ("image_cap", 0.1, 4, 1.0, "epoch"), ("video_qa", 0.1, 4, 1.0, "epoch"),
+        ("audio_qa", 0.1, 4, 1.0, "epoch"), ("image_qa", 0.5, 1, 0.5, "epoch"), ("video_cap", 0.5, 4, 0.1, "epoch"),
+    ]
 
 
 def test_ikd_without_instructions_is_refused_before_training(overrides, micro_world, tmp_path):
@@ -369,3 +405,35 @@ def test_end_to_end_two_tasks_and_both_off_equals_sequential(overrides, monkeypa
     seq = loop.run(load_config(None, overrides("seq", strategies="[sequential]")), **QUIET)
     assert json.loads((off / "losses.json").read_text()) == json.loads((seq / "losses.json").read_text())
     assert json.loads((off / "losses.json").read_text())["color_qa"] != losses["color_qa"]
+
+
+def test_ikd_pseudo_mode_trains_on_the_teachers_answers(overrides):
+    """P4's alternative IKD: the previous model answers each sampled instruction (greedy, once per instruction) and
+    the term is the mean cross-entropy of the current model on those answers; the rows stay out of the task loss."""
+    ctx = make_ctx(overrides("ikd-pseudo", **{"data.train_limit": 8}))
+    s = MoInCL(MoInCLOptions(pseudo=False, ikd_mode="pseudo", text_instruct_num=3, ikd_max_new_tokens=6))
+    own, _ = at_task_1(ctx, s)
+    ctx.model.eval()
+    batch = next(ctx.batches(own[:4], 4))
+    with torch.no_grad():
+        widened, out, term = loss_terms(ctx, s, batch)
+        rows = [i for i, x in enumerate(widened["ids"]) if x.startswith(IKD_PREFIX)]
+        assert len(rows) == 3 and (widened["labels"][rows] == -100).all()
+        # by hand: the teacher's greedy answers, encoded as targets, scored by the current model alone
+        index = [int(widened["ids"][r].rsplit("-", 1)[1]) for r in rows]
+        queries = [Record(f"q{i}", s._instructions[i], [], {}, "x") for i in index]
+        answers = generate_answers(s.teacher, ctx.fmt, ctx.collator(left_pad=True), queries, "x", 6, 8, ctx.device,
+                                   ctx.dtype)
+        alone = [Example(f"a{i}", *ctx.fmt.encode([*q.conversations[:-1], {"from": "gpt", "value": a}]), {}, "x")
+                 for i, q, a in zip(index, queries, answers)]
+        direct = next(ctx.batches(alone, len(alone)))
+        n = int((direct["labels"][:, 1:] != -100).sum())
+        want = token_cross_entropy_sum(ctx.forward(direct).logits, direct["labels"]) / n
+        assert n > 0 and term.item() == pytest.approx(want.item(), rel=1e-4)
+    # a teacher that equals the student still gives a positive CE (unlike the KL mode's 0), and it trains the model
+    ctx.model.train()
+    _, _, term = loss_terms(ctx, s, batch)
+    assert term.item() > 0
+    term.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in ctx.trainable_parameters())
+    assert len(s._ikd_answered) >= 3  # answers are cached per instruction for the task

@@ -8,6 +8,7 @@ These launch child processes, so they take several seconds each (the children im
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -131,6 +132,37 @@ def test_two_processes_train_like_one_and_only_rank_0_writes(micro_overrides, mo
     assert _writes(audit, 0, run_dir), "the audit hook saw no write on rank 0 (the check would prove nothing)"
     assert _writes(audit, 1, run_dir) == [], "rank 1 wrote into the run directory"
     assert_no_partial_checkpoints(run_dir)
+
+
+def test_moincl_in_two_processes_makes_the_same_pseudo_examples_on_every_rank(micro_overrides, micro_world,
+                                                                             monkeypatch, tmp_path):
+    """Every rank generates the same pseudo examples (greedy teacher, seeded choice of inputs), so with its
+    distillation terms off MoInCL trains in two processes like in one; with everything on (PTGM, KD on pseudo rows,
+    IKD rows sampled per rank, fusion after the epoch) both ranks run the stream to the end."""
+    from test_moincl import stream_file
+
+    stream = stream_file(micro_world, ["caption", "color_qa"], tmp_path)  # task 2 is QA after captioning: PTGM
+    fast_engine(monkeypatch)
+    for name, options in (("ptgm", ["strategies.moincl.ikd=false", "strategies.moincl.lambda_kl=0"]),
+                          ("full", ["strategies.moincl.fusion_alpha=0.5"])):
+        args = micro_overrides(f"ddp-{name}", tasks=1, **DIST, strategies="[moincl]") + [f"data.stream={stream}"]
+        proc = subprocess.run(torchrun(args + options), env=child_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        single = loop.run(load_config(None, micro_overrides(f"single-{name}", tasks=1, **DIST, strategies="[moincl]")
+                                      + [f"data.stream={stream}", *options]), **QUIET)
+        rows = json.loads((tmp_path / f"ddp-{name}" / "matrix.json").read_text())["rows"]
+        assert [r["after"] for r in rows] == [None, "caption", "color_qa"]
+        assert all(math.isfinite(v) for r in rows for v in r["scores"].values())
+        if name == "ptgm":
+            w2, w1 = tensors_of(latest(tmp_path / "ddp-ptgm"))["model"], tensors_of(latest(single))["model"]
+            worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+            assert worst <= ATOL, f"MoInCL (pseudo examples only), 2 processes vs 1: max |difference| {worst:.2e}"
+            # negative control: without the pseudo examples the weights are measurably different
+            plain = loop.run(load_config(None, micro_overrides("plain", tasks=1, **DIST, strategies="[moincl]")
+                                         + [f"data.stream={stream}", *options, "strategies.moincl.pseudo=false"]),
+                             **QUIET)
+            wp = tensors_of(latest(plain))["model"]
+            assert max(float((wp[k] - w2[k]).abs().max()) for k in wp) > 100 * ATOL
 
 
 def test_a_fault_on_one_rank_stops_both_without_a_hang(micro_overrides, tmp_path):

@@ -80,6 +80,9 @@ def test_write_report_files_and_content(tmp_path: Path) -> None:
     assert "language retention dropped 12.0 points" in md
     # the heatmap's row labels appear in the per-task table and the plots are linked
     assert "![accuracy matrix heatmap](plots/matrix.png)" in md
+    # ... and the matrix as numbers, one row per evaluation, retention columns marked
+    assert "| row | colour_qa | counting | ocr | lang_arith (ret.) |" in md
+    assert "| initial | 10.0 | 12.0 | 5.0 | 80.0 |" in md and "| after counting | 70.0 | 85.0 | 8.0 | 72.0 |" in md
     for label in ("after colour_qa", "after counting", "after ocr"):
         assert label in md
     # cost section

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mmcl.report
-from mmcl.config import load_config
+from mmcl.config import ConfigError, load_config
 from mmcl.engine import loop
 from mmcl.engine.context import Context
 from mmcl.engine.train import token_cross_entropy_sum
@@ -159,7 +160,7 @@ def test_strategy_contract(name, micro_overrides, monkeypatch, tmp_path):
 # -- the order of hook calls ------------------------------------------------------------------------------------------
 
 HOOKS = ["prepare_model", "on_task_start", "train_examples", "transform_batch", "task_loss", "extra_loss",
-         "after_optimizer_step", "on_task_end", "state_dict", "load_state_dict"]
+         "after_optimizer_step", "on_epoch_end", "on_task_end", "state_dict", "load_state_dict"]
 
 
 @pytest.fixture
@@ -190,5 +191,65 @@ def test_hooks_are_called_in_the_documented_order(recorder, micro_overrides, mon
     overrides = micro_overrides("order", tasks=2, strategies="[recorder_test]", **FAST, **{"train.grad_accum": 1})
     loop.run(load_config(None, overrides), **QUIET)
     step = ["transform_batch", "task_loss", "extra_loss", "after_optimizer_step"]
-    task = ["on_task_start", "train_examples", *step, *step, "on_task_end", "state_dict"]
+    task = ["on_task_start", "train_examples", *step, *step, "on_epoch_end", "on_task_end", "state_dict"]
     assert recorder == ["prepare_model", *task, *task]
+
+
+# -- per-task options and the epoch hook ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Knob:
+    value: float = 1.0
+    fixed: int = 0
+
+
+@pytest.fixture
+def knob():
+    """A test strategy with one per-task option; records the value in force at each hook."""
+    seen: list[tuple[str, str, float]] = []
+
+    class Knob(Strategy):
+        """Records its option (test only)."""
+
+        Config = _Knob
+        task_options = frozenset({"value"})
+
+        def on_task_start(self, ctx):
+            seen.append(("start", ctx.task.name, self.config.value))
+
+        def on_epoch_end(self, ctx):
+            seen.append(("epoch", ctx.task.name, self.config.value))
+
+    register_strategy("knob_test")(Knob)
+    yield seen
+    _REGISTRY.pop("knob_test", None)
+
+
+def test_per_task_options_are_in_force_during_their_task_only(knob, micro_overrides, monkeypatch):
+    fast_engine(monkeypatch)
+    overrides = micro_overrides("knob", tasks=3, strategies="[knob_test]",
+                                **FAST | {"strategies.knob_test.per_task.shape_cls.value": 2.5, "train.max_steps": 5,
+                                          "train.epochs": 3})
+    cfg = load_config(None, overrides)
+    assert cfg.strategies[0].options == {"per_task": {"shape_cls": {"value": 2.5}}}
+    loop.run(cfg, **QUIET)
+    # 8 records in batches of 4: epochs end after steps 2 and 4, and the third, cut short by max_steps, after 5
+    want = []
+    for task, value in (("color_qa", 1.0), ("shape_cls", 2.5), ("count", 1.0)):
+        want += [("start", task, value)] + [("epoch", task, value)] * 3
+    assert knob == want
+
+
+def test_per_task_options_are_checked_before_training(knob, micro_overrides):
+    base = micro_overrides("knob-bad", tasks=2, strategies="[knob_test]", **FAST)
+    with pytest.raises(ConfigError, match=r"per_task\.shape_cls\.fixed: 'knob_test' reads this option once.*value"):
+        build_strategies(load_config(None, [*base, "strategies.knob_test.per_task.shape_cls.fixed=3"]).strategies)
+    with pytest.raises(ConfigError, match=r"per_task\.shape_cls\.value: expected a number"):
+        build_strategies(load_config(None, [*base, "strategies.knob_test.per_task.shape_cls.value=abc"]).strategies)
+    with pytest.raises(ConfigError, match=r"per_task\.ocr: no such task in the stream; its tasks: color_qa, shape_cls"):
+        loop.build_context(load_config(None, [*base, "strategies.knob_test.per_task.ocr.value=2"]), log=QUIET["log"])
+    with pytest.raises(ConfigError, match=r"per_task\.color_qa\.x: unknown key"):
+        build_strategies(load_config(None, [*base, "strategies=[{knob_test: {per_task: {color_qa: {x: 1}}}}]"]).strategies)
+    with pytest.raises(ConfigError, match=r"per_task: expected a mapping of task name to options"):
+        build_strategies(load_config(None, [*base, "strategies=[{knob_test: {per_task: [1]}}]"]).strategies)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmcl.config import RunConfig, load_config
-from mmcl.report.tables import Table, fmt
+from mmcl.eval.metrics import matrix_from_json
+from mmcl.report.tables import Table, fmt, matrix_table
 
 METRICS = [
     ("final_average_accuracy", "final acc ↑"),
@@ -117,21 +118,32 @@ def run_comparison(
                 cfg = load_config(config_path, overrides + extra)
                 log(f"[{m.label} {name}] running")
                 run(cfg, resume=(run_dir / "checkpoints" / "latest").exists(), progress=progress, log=log)
-    summary = {}
+    summary, matrices = {}, []
     for label, runs in results.items():
         metrics = [json.loads((r["run_dir"] / "metrics.json").read_text()) for r in runs]
         costs = [json.loads((r["run_dir"] / "cost.json").read_text()) for r in runs]
+        final: dict[str, list[float]] = {}
+        for r in runs:
+            path = r["run_dir"] / "matrix.json"
+            A, R, tasks, retention = matrix_from_json(json.loads(path.read_text()), source=str(path))
+            kept = [f"{n} (ret.)" for n in retention]
+            for name, value in [*zip(tasks, A[-1]), *zip(kept, R[-1] if retention else [])]:
+                final.setdefault(name, []).append(float(value))
+            matrices.append(f"### {label}, {r['run_dir'].name}\n\n{matrix_table(A, R, tasks, retention).markdown()}")
         summary[label] = {
             "runs": [str(r["run_dir"]) for r in runs],
             **{k: _stats([_value(m, k) for m in metrics]) for k, _ in METRICS},
             **{k: _stats([c.get(k) for c in costs]) for k, _ in COSTS},
+            "final_per_task": {name: _stats(values) for name, values in final.items()},
         }
     (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = comparison_markdown(summary)
     plot_tradeoff(summary, out / "accuracy_vs_forgetting.png")
     (out / "comparison.md").write_text(
         f"# Comparison\n\n{len(seeds)} seed(s) x {len(orders)} task order(s) per method; mean ± std.\n\n"
-        f"{table}\n\n![accuracy vs forgetting](accuracy_vs_forgetting.png)\n"
+        f"{table}\n\n![accuracy vs forgetting](accuracy_vs_forgetting.png)\n\n"
+        f"## Final score per task\n\nAfter the last task (retention tasks: never trained).\n\n"
+        f"{final_scores_markdown(summary)}\n\n## Accuracy matrix of every run\n\n" + "\n\n".join(matrices) + "\n"
     )
     log(table)
     return out
@@ -166,6 +178,16 @@ def comparison_markdown(summary: dict) -> str:
             ]
         )
     return Table(headers, rows).markdown()
+
+
+def final_scores_markdown(summary: dict) -> str:
+    """Method x task table of the final scores (mean ± std over the method's runs), tasks in first-seen order."""
+    names: list[str] = []
+    for s in summary.values():
+        names += [n for n in s["final_per_task"] if n not in names]
+    rows = [[label, *(_cell(s["final_per_task"][n], digits=1) if n in s["final_per_task"] else fmt(None)
+                      for n in names)] for label, s in summary.items()]
+    return Table(["method", *names], rows).markdown()
 
 
 def plot_tradeoff(summary: dict, path: Path) -> None:

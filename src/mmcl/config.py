@@ -107,6 +107,9 @@ class CheckpointConfig:
 
 @dataclass
 class StrategySpec:
+    """One strategy of a run: its registered name and its options. The reserved option `per_task` maps task names
+    to option values that replace the others during that task (P4 tunes MoInCL per step)."""
+
     name: str
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -303,7 +306,12 @@ def apply_override(data: dict, override: str) -> None:
         match = [s for s in specs if s.name == parts[1]]
         if not match:
             raise ConfigError(f"{key}: no strategy {parts[1]!r} in strategies {[s.name for s in specs]}; add it first")
-        match[0].options[".".join(parts[2:])] = value
+        node = match[0].options
+        for p in parts[2:-1]:  # strategies.moincl.per_task.image_qa.lambda_kl=0.5 nests under per_task
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p!r} is not a mapping of options")
+        node[parts[-1]] = value
         data["strategies"] = [{s.name: s.options} for s in specs]
         return
     node = data

@@ -23,7 +23,7 @@ from mmcl.engine.train import Preempted, ResumePoint, StepHooks, fit
 from mmcl.eval.generate import evaluate_task
 from mmcl.eval.metrics import compute_metrics
 from mmcl.models.builder import conversation_format, count_parameters, media_loader
-from mmcl.strategies import Strategy, build_strategies, check_composition
+from mmcl.strategies import Strategy, build_strategies, check_composition, check_task_options
 
 # Config fields that may differ on resume without changing what the run computes.
 HARMLESS_ON_RESUME = {"name", "output_dir", "checkpoint.keep_last", "checkpoint.every_steps", "eval.batch_size"}
@@ -257,6 +257,7 @@ def build_context(
             "mmcl.models.builder.assemble_model composes one from Hugging Face parts)"
         )
     check_composition(strategies, modalities=modalities, num_processes=accelerator.num_processes)
+    check_task_options(strategies, [t.name for t in stream.tasks])
     no_mid = [s.name for s in strategies if not s.supports_mid_task_resume]
     if cfg.checkpoint.every_steps and no_mid:
         raise ConfigError(f"checkpoint.every_steps: {no_mid} cannot resume inside a task; use 0 (task boundaries)")
@@ -302,6 +303,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
             start_task = state["task_index"]
             ctx.task_index = start_task
             seed_everything(task_seed(cfg.seed, start_task))
+            _use_task(strategies, stream.tasks[start_task].name)
             call(strategies, "on_task_start", ctx)  # rebuilds per-task structure (e.g. a fresh adapter) first
             mid = _resume_point(tensors, state)
         else:
@@ -339,6 +341,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
         task = stream.tasks[index]
         if mid is None:
             seed_everything(task_seed(cfg.seed, index))
+            _use_task(strategies, task.name)
             call(strategies, "on_task_start", ctx)
         examples = ctx.train_examples(task.name)
         for s in strategies:
@@ -403,6 +406,11 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
     return run_dir
 
 
+def _use_task(strategies: list[Strategy], task_name: str) -> None:
+    for s in strategies:
+        s.use_task(task_name)
+
+
 def _optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer state dict as safetensors-ready tensors plus JSON (never pickled)."""
     tensors, scalars = {}, {}
@@ -448,7 +456,8 @@ def _step_hooks(ctx: Context, strategies: list[Strategy]) -> StepHooks:
         values = [v for v in call(strategies, "extra_loss", ctx, batch, out) if v is not None]
         return sum(values) if values else None
 
-    return StepHooks(transform, task_loss, extra, lambda step: call(strategies, "after_optimizer_step", ctx))
+    return StepHooks(transform, task_loss, extra, lambda step: call(strategies, "after_optimizer_step", ctx),
+                     lambda epoch: call(strategies, "on_epoch_end", ctx))
 
 
 def _strategy_state(strategies: list[Strategy]) -> tuple[dict[str, torch.Tensor], dict]:

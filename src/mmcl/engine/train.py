@@ -52,6 +52,8 @@ class StepHooks:
     task_loss: Callable[[dict, object], torch.Tensor | None] | None = None
     extra_loss: Callable[[dict, object], torch.Tensor | None] | None = None
     after_step: Callable[[int], None] | None = None
+    after_epoch: Callable[[int], None] | None = None
+    """Called with the epoch index after the last step of each epoch (and of a last epoch cut short by max_steps)."""
 
 
 @dataclass
@@ -134,6 +136,7 @@ def fit(
         raise ValueError(f"{label}: no training examples")
     plan = global_batches(len(examples), cfg, seed)
     total = len(plan)
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, total, warmup))
@@ -220,6 +223,8 @@ def fit(
                 on_step(step, loss_value)
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
         result.steps = step + 1
+        if hooks.after_epoch and (result.steps % per_epoch == 0 or result.steps == total):
+            hooks.after_epoch(step // per_epoch)
         bar.update(1)
         stop = should_stop() if should_stop else False
         if on_checkpoint and result.steps < total and (stop or (checkpoint_every and result.steps % checkpoint_every == 0)):

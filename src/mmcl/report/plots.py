@@ -18,19 +18,15 @@ from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
 from mmcl.eval.metrics import matrix_from_json
+from mmcl.report.tables import row_labels
 
-__all__ = ["plot_curves", "plot_matrix", "row_labels"]
+__all__ = ["plot_curves", "plot_matrix"]
 
 _DPI = 120
 # No "Software" entry: the PNG bytes then depend only on the data (matplotlib writes no timestamp).
 _PNG_METADATA = {"Software": None}
 _RC = {"font.size": 9, "axes.titlesize": 10, "figure.titlesize": 11, "svg.hashsalt": "mmcl"}
 _MISSING_COLOUR = "#e8e8e8"
-
-
-def row_labels(tasks: list[str], num_rows: int) -> list[str]:
-    """"initial", "after t1", ... for the rows present."""
-    return ["initial"] + [f"after {t}" for t in tasks[: num_rows - 1]]
 
 
 def _save(fig: Figure, path: Path) -> None:

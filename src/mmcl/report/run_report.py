@@ -19,8 +19,8 @@ import numpy as np
 import yaml
 
 from mmcl.eval.metrics import compute_metrics, matrix_from_json
-from mmcl.report.plots import plot_curves, plot_matrix, row_labels
-from mmcl.report.tables import Table, fmt, metric_value, summary_rows
+from mmcl.report.plots import plot_curves, plot_matrix
+from mmcl.report.tables import Table, fmt, matrix_table, metric_value, row_labels, summary_rows
 
 __all__ = ["write_report"]
 
@@ -221,6 +221,7 @@ def _blocks(run_dir: Path, matrix: dict, metrics: dict, cost: dict | None) -> li
         Block("p", _what_happened(A, tasks, metrics)),
         Block("h2", "Accuracy matrix"),
         Block("img", "plots/matrix.png", "accuracy matrix heatmap"),
+        Block("table", matrix_table(A, R, tasks, retention)),
         Block("h2", "Scores over training"),
         Block("img", "plots/curves.png", "per-task score curves"),
         Block("h2", "Metrics"),

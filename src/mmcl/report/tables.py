@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Table", "comparison_table", "comparison_text", "fmt", "summary_table"]
+__all__ = ["Table", "comparison_table", "comparison_text", "fmt", "matrix_table", "row_labels", "summary_table"]
 
 MISSING = "n/a"
 
@@ -64,6 +64,21 @@ class Table:
 
         rule = "  ".join("-" * w for w in widths)
         return "\n".join([line(self.headers), rule, *(line(r) for r in self.rows)])
+
+
+def row_labels(tasks: list[str], num_rows: int) -> list[str]:
+    """"initial", "after t1", ... for the rows present."""
+    return ["initial"] + [f"after {t}" for t in tasks[: num_rows - 1]]
+
+
+def matrix_table(A: np.ndarray, R: np.ndarray, tasks: Sequence[str], retention: Sequence[str]) -> Table:
+    """The accuracy matrix as numbers: one row per evaluation (initial, after each task), one column per train task
+    and then per retention task (marked `(ret.)`); not yet trained cells included, as the heatmap shows them."""
+    labels = row_labels(list(tasks), A.shape[0])
+    headers = ["row", *tasks, *(f"{r} (ret.)" for r in retention)]
+    rows = [[label, *(fmt(float(v), 1) for v in A[j]), *(fmt(float(v), 1) for v in (R[j] if len(retention) else []))]
+            for j, label in enumerate(labels)]
+    return Table(headers, rows)
 
 
 def _html_cell(cell: str) -> str:

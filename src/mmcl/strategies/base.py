@@ -7,6 +7,7 @@ what it needs. The engine calls them in this order for each task (pinned by a te
     on_task_start                      task begins (snapshot a teacher, reset buffers)
     train_examples                     choose what this task trains on (joint, rehearsal)
     per step: transform_batch -> task_loss -> extra_loss -> (backward, optimizer) -> after_optimizer_step
+    on_epoch_end                       after the last step of each epoch (weight fusion)
     on_task_end                        task done (importance, merge LoRA, swap in EMA weights); called in reverse
                                        order, so a wrapper listed first (lora) is unwound last
     state_dict / load_state_dict       checkpoint round trip: tensors (safetensors) + JSON, never pickles
@@ -51,8 +52,18 @@ class Strategy:
     supports_mid_task_resume: ClassVar[bool] = True
     """Its state_dict captures everything, so a run can resume inside a task (not so for a task-start teacher)."""
 
+    task_options: ClassVar[frozenset[str]] = frozenset()
+    """Options that may take another value for a given task (`per_task`); the others are read once."""
+
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
+        self.base_config = self.config
+        self.task_configs: dict[str, Any] = {}
+        """Task name -> the config in force during that task (built and checked from `per_task`)."""
+
+    def use_task(self, task_name: str) -> None:
+        """Put the task's own options (or the run's) in force; the engine calls it before `on_task_start`."""
+        self.config = self.task_configs.get(task_name, self.base_config)
 
     # -- hooks (no-op defaults) -------------------------------------------------------------------------------------
     def prepare_model(self, ctx: Context) -> None:
@@ -79,6 +90,9 @@ class Strategy:
 
     def after_optimizer_step(self, ctx: Context) -> None:
         """After `optimizer.step()`, before gradients are zeroed (EMA updates read both)."""
+
+    def on_epoch_end(self, ctx: Context) -> None:
+        """After the last optimizer step of each epoch of the task (and of a last epoch cut short by max_steps)."""
 
     def on_task_end(self, ctx: Context) -> None:
         """The task's training is done; evaluation of the row follows."""

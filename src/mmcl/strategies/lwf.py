@@ -58,6 +58,7 @@ class LwF(Strategy):
     """
 
     Config = LwFOptions
+    task_options = frozenset({"lambda_", "temperature"})
     needs_teacher = True
     supports_mid_task_resume = False  # the teacher is the model at task start, rebuilt there, not checkpointed
 

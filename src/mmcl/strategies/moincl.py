@@ -13,6 +13,7 @@ import torch
 
 from mmcl.data.batching import Example, move_batch
 from mmcl.data.records import MODALITIES, PLACEHOLDER, Record, Task, read_records
+from mmcl.engine.train import token_cross_entropy_sum
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.lwf import distillation_loss
 from mmcl.strategies.registry import register_strategy
@@ -46,27 +47,41 @@ class MoInCLOptions:
     """IKD: distil the previous model into the current one on text-only instructions, every micro-batch."""
     text_instruct_num: int = 4
     """Text-only instructions per micro-batch for IKD (P4's `text_instruct_num`, 4)."""
+    ikd_mode: str = "kl"
+    """How IKD keeps the previous model's behaviour on the instructions: 'kl' distils its softened token
+    distributions (P4's default `text_instruct_constraint_type`), 'pseudo' trains with cross-entropy on its greedy
+    answers (P4's alternative)."""
+    ikd_max_new_tokens: int = 32
+    """Longest previous-model answer to an instruction with `ikd_mode: pseudo`."""
     instructions: str | None = None
     """A JSONL or JSON-list file of text-only instructions for IKD: strings, objects with `conversations`, or
     objects with `prompt`/`instruction`/`definition`/`text` (+ optional `input`). Default: the training records of
     the stream's text-only retention tasks (P4 uses Natural Instructions, which is not available offline)."""
     fusion_alpha: float | None = None
-    """Weight fusion at the end of each task t ≥ 1: θ ← (1−α)·θ_old + α·θ for the trainable language-model
-    parameters (P4's TMLR code, per epoch there, 0.1 / 0.5 in order 1); None: off."""
+    """Weight fusion on tasks t ≥ 1: θ ← (1−α)·θ_old + α·θ for the trainable language-model parameters, θ_old the
+    previous-task model (P4's TMLR code; 0.1 / 0.5 in order 1); None: off."""
+    fusion_every: str = "epoch"
+    """When fusion runs: after every epoch, training going on from the fused weights (P4's code), or once at the
+    end of the task ('task')."""
 
     def __post_init__(self) -> None:
         for name in ("pseudo", "ikd"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("pseudo_num", "text_instruct_num"):
+        if self.ikd_mode not in ("kl", "pseudo"):
+            raise ValueError(f"ikd_mode must be 'kl' or 'pseudo', got {self.ikd_mode!r}")
+        for name in ("pseudo_num", "text_instruct_num", "ikd_max_new_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r} (turn the part off with "
-                                 f"{'pseudo' if name == 'pseudo_num' else 'ikd'}=false)")
+                off = {"pseudo_num": " (turn the part off with pseudo=false)",
+                       "text_instruct_num": " (turn the part off with ikd=false)"}.get(name, "")
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}{off}")
         if not (math.isfinite(self.lambda_kl) and self.lambda_kl >= 0):
             raise ValueError(f"lambda_kl must be a finite number >= 0, got {self.lambda_kl}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.fusion_every not in ("epoch", "task"):
+            raise ValueError(f"fusion_every must be 'epoch' or 'task', got {self.fusion_every!r}")
         if self.fusion_alpha is not None and not (0.0 < self.fusion_alpha <= 1.0):
             raise ValueError(f"fusion_alpha must be in (0, 1] (1 leaves the weights unchanged) or null for no "
                              f"fusion, got {self.fusion_alpha}")
@@ -171,9 +186,14 @@ class MoInCL(Strategy):
        non-pad position of those rows is added with weight 1 (P4: `batchmean` over all positions, padding too).
        Instructions: `instructions` file, else the training records of the stream's text-only retention tasks
        (P4 samples Natural Instructions, not available offline); no source is an error before training.
-    5. Fusion (`fusion_alpha`, off by default): at the end of task index ≥ 1, θ ← (1−α)·θ_old + α·θ for every
-       trainable parameter of the language model (adapters of the modality encoders/projectors are not fused, as
-       without P4's `--projection_fusion`); P4's TMLR code fuses after every epoch, mmcl once at task end.
+       With `ikd_mode: pseudo` (P4's alternative), the teacher's greedy answer to each sampled instruction
+       (cached per instruction for the task: the teacher is fixed) is the target of a cross-entropy term, the mean
+       over those answer tokens, weight 1; the rows stay out of the task loss.
+    5. Fusion (`fusion_alpha`, off by default): on task index ≥ 1, after every epoch (P4's TMLR code; or once at
+       the task's end with `fusion_every: task`), θ ← (1−α)·θ_old + α·θ for every trainable parameter of the
+       language model, θ_old the teacher (adapters of the modality encoders/projectors are not fused, as without
+       P4's `--projection_fusion`). The optimizer's moments are kept, as in P4's code.
+    Every option but `instructions` can take another value per task (`per_task`, P4's per-step table).
     Total: CE(task ∪ pseudo) + λ_KL·L_KD + L_IKD. State: none in the checkpoint — the teacher is the model at the
     task boundary (rebuilt by `on_task_start`) and pseudo examples are regenerated deterministically (greedy
     decoding, seeded choices), so a boundary resume is exact; mid-task resume is not supported. Memory: one
@@ -181,6 +201,8 @@ class MoInCL(Strategy):
     """
 
     Config = MoInCLOptions
+    task_options = frozenset({"pseudo", "pseudo_num", "lambda_kl", "temperature", "ikd", "text_instruct_num",
+                              "ikd_mode", "ikd_max_new_tokens", "fusion_alpha", "fusion_every"})  # P4's run scripts set these per step; see configs/micl/order1_moincl_p4.yaml
     needs_teacher = True
     supports_mid_task_resume = False  # teacher and pseudo examples are rebuilt at task start, not checkpointed
 
@@ -191,6 +213,8 @@ class MoInCL(Strategy):
         self.pseudo_source: str | None = None  # the earlier task whose prompts made the pseudo examples
         self._instructions: list[list[dict]] | None = None
         self._ikd_examples: list[Example] = []
+        self._ikd_answered: dict[int, Example] = {}  # ikd_mode pseudo: instruction index -> teacher-answered example
+        self._ikd_targets: dict[str, torch.Tensor] = {}  # ikd_mode pseudo: row id -> labels of the current rows
         self._micro = (-1, 0)  # (task_step, micro-batch counter) for IKD seeding
 
     # -- setup ------------------------------------------------------------------------------------------------------
@@ -226,6 +250,7 @@ class MoInCL(Strategy):
                     Example(f"{IKD_PREFIX}-{i}", *ctx.fmt.encode(c, for_generation=True), {}, IKD_PREFIX)
                     for i, c in enumerate(self._instructions)
                 ]
+                self._ikd_answered = {}
 
     # -- PTGM -------------------------------------------------------------------------------------------------------
     def pseudo_plan(self, ctx: Context) -> tuple[str, Task] | None:
@@ -294,7 +319,25 @@ class MoInCL(Strategy):
         seed = task_seed(ctx.seed, ctx.task_index, SEED_IKD)
         seed = (seed + 1_000_003 * ctx.task_step + 7919 * self._micro[1] + 104_729 * ctx.accelerator.process_index)
         g = torch.Generator().manual_seed(seed % 2**32)
-        return [self._ikd_examples[i] for i in torch.randperm(n, generator=g)[: self.config.text_instruct_num]]
+        chosen = torch.randperm(n, generator=g)[: self.config.text_instruct_num].tolist()
+        if self.config.ikd_mode == "pseudo":
+            return self.answered(ctx, chosen)
+        return [self._ikd_examples[i] for i in chosen]
+
+    def answered(self, ctx: Context, chosen: list[int]) -> list[Example]:
+        """The instructions `chosen` with the teacher's greedy answers as supervised targets (generated once each)."""
+        from mmcl.eval.generate import generate_answers
+
+        todo = [i for i in dict.fromkeys(chosen) if i not in self._ikd_answered]
+        if todo:
+            queries = [Record(f"{IKD_PREFIX}-{i}", self._instructions[i], [], {}, IKD_PREFIX) for i in todo]
+            answers = generate_answers(self.teacher, ctx.fmt, ctx.collator(left_pad=True), queries, IKD_PREFIX,
+                                       self.config.ikd_max_new_tokens, ctx.config.eval.batch_size, ctx.device,
+                                       ctx.dtype)
+            for i, q, a in zip(todo, queries, answers):
+                conv = [*q.conversations[:-1], {"from": "gpt", "value": a}]
+                self._ikd_answered[i] = Example(q.id, *ctx.fmt.encode(conv), {}, IKD_PREFIX)
+        return [self._ikd_answered[i] for i in chosen]
 
     def transform_batch(self, ctx: Context, batch: dict) -> dict:
         if self.teacher is None or not self.config.ikd or not self._ikd_examples:
@@ -310,7 +353,10 @@ class MoInCL(Strategy):
         out = dict(batch)
         out["input_ids"] = torch.cat([widen(batch["input_ids"], pad_id), widen(extra["input_ids"], pad_id)])
         out["attention_mask"] = torch.cat([widen(batch["attention_mask"], 0), widen(extra["attention_mask"], 0)])
-        out["labels"] = torch.cat([widen(batch["labels"], -100), torch.full_like(widen(extra["labels"], -100), -100)])
+        # the instruction rows never join the task loss; in pseudo mode their targets are kept for extra_loss
+        extra_labels = widen(extra["labels"], -100)
+        self._ikd_targets = dict(zip(extra["ids"], extra_labels)) if self.config.ikd_mode == "pseudo" else {}
+        out["labels"] = torch.cat([widen(batch["labels"], -100), torch.full_like(extra_labels, -100)])
         out["ids"] = list(batch["ids"]) + extra["ids"]
         out["tasks"] = list(batch.get("tasks", [])) + extra["tasks"]
         return out
@@ -322,16 +368,21 @@ class MoInCL(Strategy):
         ids = batch["ids"]
         pseudo = [i for i, x in enumerate(ids) if x in self.pseudo_ids] if self.config.lambda_kl > 0 else []
         ikd = [i for i, x in enumerate(ids) if x.startswith(IKD_PREFIX)]
-        rows = pseudo + ikd
-        if not rows:
+        if not pseudo and not ikd:
             return None
+        total = outputs.logits.sum() * 0.0
+        if ikd and self.config.ikd_mode == "pseudo":
+            total = total + self._ikd_cross_entropy(outputs.logits, ids, ikd)
+            ikd = []
+        rows = pseudo + ikd  # the rows the teacher must see
+        if not rows:
+            return total
         sub = select_rows(batch, rows, ctx.model.token_ids)
         with torch.no_grad():
             teacher_logits = ctx.forward(sub, model=self.teacher).logits
         index = torch.tensor(rows, device=outputs.logits.device, dtype=torch.long)
         student_logits = outputs.logits.index_select(0, index)
         temperature = self.config.temperature
-        total = student_logits.sum() * 0.0
         n_p = len(pseudo)
         if pseudo:
             kd = distillation_loss(student_logits[:n_p], teacher_logits[:n_p], sub["labels"][:n_p], temperature)
@@ -343,14 +394,33 @@ class MoInCL(Strategy):
             total = total + distillation_loss(student_logits[n_p:], teacher_logits[n_p:], labels, temperature)
         return total
 
-    # -- task end ---------------------------------------------------------------------------------------------------
-    def on_task_end(self, ctx: Context) -> None:
+    def _ikd_cross_entropy(self, logits: torch.Tensor, ids: list[str], rows: list[int]) -> torch.Tensor:
+        """Mean next-token cross-entropy of the instruction rows on the teacher's answers (`ikd_mode: pseudo`)."""
+        width = logits.shape[1]  # a later strategy may have widened the batch further
+        targets = [self._ikd_targets[ids[r]] for r in rows]
+        labels = torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[0]), value=-100) for t in targets])
+        index = torch.tensor(rows, device=logits.device, dtype=torch.long)
+        n = int((labels[:, 1:] != -100).sum())
+        return token_cross_entropy_sum(logits.index_select(0, index), labels) / max(n, 1)
+
+    # -- fusion and task end ---------------------------------------------------------------------------------------
+    def fuse(self, ctx: Context) -> None:
+        """θ ← (1−α)·θ_old + α·θ for the trainable language-model parameters (a no-op without teacher or α)."""
         alpha = self.config.fusion_alpha
-        if self.teacher is not None and alpha is not None and alpha != 1.0:
-            old = dict(self.teacher.named_parameters())
-            with torch.no_grad():
-                for name, p in ctx.trainable_parameters():
-                    if name.startswith("language_model.") and name in old and old[name].shape == p.shape:
-                        p.lerp_(old[name].to(p.dtype), 1.0 - alpha)  # p + (1-α)(old - p) = (1-α)·old + α·p
+        if self.teacher is None or alpha is None or alpha == 1.0:
+            return
+        old = dict(self.teacher.named_parameters())
+        with torch.no_grad():
+            for name, p in ctx.trainable_parameters():
+                if name.startswith("language_model.") and name in old and old[name].shape == p.shape:
+                    p.lerp_(old[name].to(p.dtype), 1.0 - alpha)  # p + (1-α)(old - p) = (1-α)·old + α·p
+
+    def on_epoch_end(self, ctx: Context) -> None:
+        if self.config.fusion_every == "epoch":
+            self.fuse(ctx)
+
+    def on_task_end(self, ctx: Context) -> None:
+        if self.config.fusion_every == "task":
+            self.fuse(ctx)
         self.teacher = None  # free the copy before evaluation
-        self._ikd_examples = []
+        self._ikd_examples, self._ikd_answered, self._ikd_targets = [], {}, {}

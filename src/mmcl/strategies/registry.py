@@ -44,9 +44,35 @@ def build_strategies(specs: Sequence[StrategySpec]) -> list[Strategy]:
     out = []
     for spec in specs:
         cls = get_strategy(spec.name)
-        cfg = build_dataclass(cls.Config, spec.options, f"strategies.{spec.name}")
-        out.append(cls(cfg))
+        where = f"strategies.{spec.name}"
+        options = {k: v for k, v in spec.options.items() if k != "per_task"}
+        strategy = cls(build_dataclass(cls.Config, options, where))
+        per_task = spec.options.get("per_task") or {}
+        if not isinstance(per_task, dict):
+            raise ConfigError(f"{where}.per_task: expected a mapping of task name to options, e.g. "
+                              f"{{image_qa: {{...}}}}, got {per_task!r}")
+        for task, task_opts in per_task.items():
+            at = f"{where}.per_task.{task}"
+            if not isinstance(task_opts, dict):
+                raise ConfigError(f"{at}: expected a mapping of options, got {task_opts!r}")
+            config = build_dataclass(cls.Config, options | task_opts, at)  # unknown or mistyped options first
+            fixed = sorted(set(task_opts) - cls.task_options)
+            if fixed:
+                allowed = ", ".join(sorted(cls.task_options)) or "none"
+                raise ConfigError(f"{at}.{fixed[0]}: {spec.name!r} reads this option once, before the first task, "
+                                  f"so it cannot change per task; options it takes per task: {allowed}")
+            strategy.task_configs[str(task)] = config
+        out.append(strategy)
     return out
+
+
+def check_task_options(strategies: Sequence[Strategy], task_names: Sequence[str]) -> None:
+    """Refuse per-task options for a task the stream does not have (a typo would silently do nothing)."""
+    for s in strategies:
+        unknown = sorted(set(s.task_configs) - set(task_names))
+        if unknown:
+            raise ConfigError(f"strategies.{s.name}.per_task.{unknown[0]}: no such task in the stream; "
+                              f"its tasks: {', '.join(task_names)}")
 
 
 def check_composition(strategies: Sequence[Strategy], *, modalities: set[str], num_processes: int = 1) -> None:
