@@ -228,3 +228,25 @@ def test_compare_aggregates_methods_over_seeds_and_skips_finished_runs(micro_ove
     capsys.readouterr()
     assert main(args) == 0  # a re-run skips the four complete runs
     assert capsys.readouterr().out.count("complete, skipped") == 4
+
+
+@pytest.mark.parametrize("stream, strategies, says", [
+    ("image", ("sequential", "joint"), "joint training on every task seen so far"),
+    ("micl", ("sequential", "moincl"), "MoInCL (pseudo targets"),
+])
+def test_demo_runs_both_strategies_and_prints_where_the_reports_are(stream, strategies, says, micro_world, micro_model,
+                                                                    monkeypatch, tmp_path, capsys):
+    """`mmcl demo [--stream micl] --quick`, with the built-in world and model swapped for the micro ones."""
+    import mmcl.builtin
+
+    monkeypatch.setattr(mmcl.builtin, "builtin_world", lambda **_: micro_world)
+    monkeypatch.setattr(mmcl.builtin, "builtin_model", lambda **_: micro_model)
+    out = tmp_path / "demo"
+    assert main(["demo", "--stream", stream, "--quick", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert says in text
+    for s in strategies:
+        assert f"report ({s}): {out / s / 'report.md'}" in text and (out / s / "report.md").is_file()
+        tasks = json.loads((out / s / "matrix.json").read_text())["tasks"]
+        assert (tasks[0], len(tasks)) == (("color_qa", 7) if stream == "image" else ("audio_cap", 6))
+    assert main(["demo", "--stream", stream, "--quick", "--out", str(out), "--no-progress"]) == 2  # not empty
