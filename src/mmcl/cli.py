@@ -130,10 +130,16 @@ def cmd_compare(args) -> int:
 
 def cmd_synth(args) -> int:
     from mmcl.data.synth import WorldSizes, write_world
+    from mmcl.data.synth.speech import SpeechUnavailable
 
     sizes = WorldSizes(**{k: getattr(args, k) for k in ("train", "test", "lang_train", "align", "image_size")
                           if getattr(args, k) is not None})
-    path = write_world(Path(args.out), seed=args.seed, sizes=sizes, progress=not args.no_progress)
+    try:
+        path = write_world(Path(args.out), seed=args.seed, sizes=sizes, progress=not args.no_progress,
+                           speech=args.speech)
+    except SpeechUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"world written: {path.parent}\nstreams: " + ", ".join(
         str(path.parent / s) for s in json.loads(path.read_text())["streams"].values()))
     return 0
@@ -290,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="directory to write (refused if non-empty and not a world)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--speech", action="store_true",
+                   help="also mix words spoken by espeak-ng (must be installed) into the audio tasks; the bytes then "
+                   "reproduce only with the same espeak-ng version (world.json records it)")
     for k, h in (("train", "train records per stream task"), ("test", "test records per task"),
                  ("lang_train", "train records per language skill"), ("align", "alignment captions"),
                  ("image_size", "image side in pixels")):

@@ -35,11 +35,14 @@ def tone(timbre: str, freq: float, n: int, rate: int = SAMPLE_RATE) -> np.ndarra
 def beeps(rng: random.Random, pitch: str, count: int, timbre: str, seconds: float = CLIP_SECONDS,
           rate: int = SAMPLE_RATE) -> np.ndarray:
     """A mono clip of `count` equal beeps (0.10-0.16 s each, 0.08-0.14 s apart, 5 ms fades, pitch jittered by up to
-    4%) at a random start, over a faint noise floor; float32 in [-1, 1]."""
+    4%) at a random start, over a faint noise floor; float32 in [-1, 1]. A clip too short for them shrinks them."""
     n = round(seconds * rate)
     freq = PITCHES[pitch] * rng.uniform(0.96, 1.04)
     length, gap = rng.uniform(0.10, 0.16), rng.uniform(0.08, 0.14)
     total = count * length + (count - 1) * gap
+    if total > seconds - 0.06:  # a short clip (beside a spoken word): shrink beeps and gaps alike so all fit
+        scale = (seconds - 0.06) / total
+        length, gap, total = length * scale, gap * scale, seconds - 0.06
     start = rng.uniform(0.03, max(0.03, seconds - total - 0.03))
     beep_n = round(length * rate)
     fade = min(round(0.005 * rate), beep_n // 2)

@@ -4,6 +4,7 @@ Layout: tasks/<name>/{task.yaml, train.jsonl, test.jsonl, images/*.png | audio/*
 (seven CoIN-like image tasks), streams/micl1.yaml and streams/micl2.yaml (P4's modality-inconsistent stream in its two
 orders); world.json names the streams and the pre-training data (language skills; image, audio and video alignment).
 Media are byte-stable: PNG without metadata, 16-bit PCM WAV, PNG-in-QuickTime clips with bitexact flags (clips.py).
+With `speech=True` the audio tasks also carry words spoken by espeak-ng (speech.py), byte-stable per espeak-ng version.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from .audio_tasks import AUDIO_ALIGN_TASK, AUDIO_TASKS
+from .audio_tasks import AUDIO_ALIGN_TASK, AUDIO_TASKS, SPOKEN_WORDS, with_speech
 from .clips import SUFFIX as CLIP_SUFFIX
 from .clips import clip_bytes
 from .image_tasks import ALIGN_TASK, MICL_IMAGE_TASKS, STREAM_TASKS
 from .shapes import png_bytes
 from .sounds import SAMPLE_RATE, wav_bytes
+from .speech import ESPEAK, VOICE_ARGS, espeak_version, word_bank
 from .spec import TaskSpec
 from .text_tasks import text_tasks
 from .video_tasks import VIDEO_ALIGN_TASK, VIDEO_TASKS
@@ -32,7 +34,6 @@ from .video_tasks import VIDEO_ALIGN_TASK, VIDEO_TASKS
 FORMAT = "mmcl-world"
 VERSION = 2  # 2: audio and video tasks, the MICL streams
 STREAM_DESCRIPTION = "Seven image instruction tasks in the spirit of CoIN; language skills as retention tasks."
-MICL_TASKS: tuple[TaskSpec, ...] = (*MICL_IMAGE_TASKS, *AUDIO_TASKS, *VIDEO_TASKS)
 # P4's two task orders (AudioCaps, Flickr30k, MSVD-QA, Clotho-AQA, OK-VQA, MSR-VTT and the second permutation).
 MICL_ORDERS: dict[str, tuple[str, ...]] = {
     "micl1": ("audio_cap", "image_cap", "video_qa", "audio_qa", "image_qa", "video_cap"),
@@ -142,14 +143,27 @@ def _prepare_target(out: Path) -> None:
                          "(choose an empty or new directory)")
 
 
-def write_world(out: Path, seed: int = 0, sizes: WorldSizes | None = None, progress: bool = False) -> Path:
+def _speech_tasks() -> tuple[tuple[TaskSpec, ...], TaskSpec, dict]:
+    """The audio tasks and the audio alignment set with spoken words, and world.json's record of how they were
+    spoken (the bytes reproduce only with the same espeak-ng version). Raises SpeechUnavailable without espeak-ng."""
+    words = word_bank(SPOKEN_WORDS)
+    meta = {"engine": ESPEAK, "version": espeak_version(), "voice": " ".join(VOICE_ARGS), "words": list(words)}
+    return tuple(with_speech(s, words) for s in AUDIO_TASKS), with_speech(AUDIO_ALIGN_TASK, words), meta
+
+
+def write_world(out: Path, seed: int = 0, sizes: WorldSizes | None = None, progress: bool = False,
+                speech: bool = False) -> Path:
     """Write the offline world under `out` and return out/"world.json"; same seed and sizes give identical bytes.
 
-    An existing world at `out` is replaced; any other non-empty directory is refused with a ValueError.
+    An existing world at `out` is replaced; any other non-empty directory is refused with a ValueError. `speech`
+    mixes words spoken by espeak-ng into the audio tasks (speech.SpeechUnavailable if it is not installed); without
+    it the world is numpy only and unchanged.
     """
     out = Path(out)
     sizes = sizes or WorldSizes()
     _prepare_target(out)
+    audio_tasks, audio_align, speech_meta = _speech_tasks() if speech else (AUDIO_TASKS, AUDIO_ALIGN_TASK, None)
+    micl_tasks = (*MICL_IMAGE_TASKS, *audio_tasks, *VIDEO_TASKS)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and swap in at the end, so an interrupted run never leaves a half world behind.
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -157,8 +171,8 @@ def write_world(out: Path, seed: int = 0, sizes: WorldSizes | None = None, progr
         shutil.rmtree(tmp)
     tmp.mkdir()
     text = text_tasks(seed)
-    media_align = (AUDIO_ALIGN_TASK, VIDEO_ALIGN_TASK)
-    total = ((len(STREAM_TASKS) + len(MICL_TASKS)) * (sizes.train + sizes.test)
+    media_align = (audio_align, VIDEO_ALIGN_TASK)
+    total = ((len(STREAM_TASKS) + len(micl_tasks)) * (sizes.train + sizes.test)
              + len(text) * (sizes.lang_train + sizes.test) + sizes.align + sizes.test
              + len(media_align) * (sizes.media_align + sizes.test))
     try:
@@ -171,7 +185,7 @@ def write_world(out: Path, seed: int = 0, sizes: WorldSizes | None = None, progr
             align += [_write_task(tmp, s, s, sizes.media_align, sizes.test, seed, sizes.image_size, bar)
                       for s in media_align]
             micl = {s.name: _write_task(tmp, s, s, sizes.train, sizes.test, seed, sizes.image_size, bar)
-                    for s in MICL_TASKS}
+                    for s in micl_tasks}
         (tmp / "streams").mkdir()
         _write_yaml(tmp / "streams" / "image.yaml", {
             "name": "image",
@@ -194,6 +208,8 @@ def write_world(out: Path, seed: int = 0, sizes: WorldSizes | None = None, progr
             "streams": {"image": "streams/image.yaml", **{k: f"streams/{k}.yaml" for k in MICL_ORDERS}},
             "pretrain": {"text": retention, "align": align},
         }
+        if speech_meta:  # only then, so a world without speech is byte-identical to one written before the option
+            world["speech"] = speech_meta
         (tmp / "world.json").write_text(json.dumps(world, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
