@@ -4,6 +4,7 @@ audio and video tasks and the MICL streams."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -22,6 +23,8 @@ from mmcl.data.synth import WorldSizes, world_texts, write_world
 from mmcl.data.synth.clips import clip_bytes
 from mmcl.data.synth.shapes import BACKGROUNDS, COLOURS
 from mmcl.data.synth.sounds import beeps
+from mmcl.config import load_config
+from mmcl.engine import loop
 from mmcl.eval.generate import generate_answers
 from mmcl.models.builder import (
     TinySizes,
@@ -37,7 +40,7 @@ from mmcl.models.builder import (
     media_loader,
     save_model,
 )
-from mmcl.models.mllm import P4_CUES, ModalitySpec, pool_tokens
+from mmcl.models.mllm import P4_CUES, ModalitySpec, P4Adapter, pool_tokens
 from mmcl.models.tokenizer import train_bpe_tokenizer
 
 SIZES = TinySizes(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32, vision_layers=1, audio_hidden=32,
@@ -184,6 +187,69 @@ def test_pool_tokens_1d_and_grid() -> None:
     assert pool_tokens(x[:, :15], 4).flatten().tolist() == [1.5, 5.5, 9.5]  # remainder dropped
     with pytest.raises(ValueError, match="square number of tokens, got 15"):
         pool_tokens(x[:, :15], 2, "grid")
+
+
+@pytest.mark.parametrize("mode, frames, tokens, pool, want", [
+    ("grid", 2, 32, 2, 8),   # video: two frames of a 4x4 patch grid -> 2x2 per frame
+    ("1d", 0, 50, 5, 10),    # audio: 50 positions -> 10
+    ("1d", 0, 16, 1, 16),    # image: no pooling, as in P4
+])
+def test_p4_adapter_is_layernorm_conv_pooling_linear(mode, frames, tokens, pool, want) -> None:
+    """P4's adapter by hand: LayerNorm, then a conv with kernel = stride = pool over each frame's tokens, then the
+    linear map; with an averaging kernel the pooling equals `pool_tokens` of the normalised features."""
+    torch.manual_seed(0)
+    adapter = P4Adapter(6, 5, pool, mode, frames).eval()
+    with torch.no_grad():
+        for prm in adapter.parameters():
+            prm.normal_()
+    x = torch.randn(3, tokens, 6)
+    out = adapter(x)
+    assert out.shape == (3, want, 5)
+    normed = torch.nn.functional.layer_norm(x, (6,), adapter.norm.weight, adapter.norm.bias)
+    per_frame = normed.reshape(3 * max(frames, 1), tokens // max(frames, 1), 6)
+    if pool == 1:
+        pooled = per_frame
+    elif mode == "grid":
+        side = int(math.isqrt(per_frame.shape[1]))
+        grid = per_frame.transpose(1, 2).reshape(-1, 6, side, side)
+        pooled = torch.nn.functional.conv2d(grid, adapter.conv_pool.weight, adapter.conv_pool.bias, stride=pool)
+        pooled = pooled.flatten(2).transpose(1, 2)
+    else:
+        pooled = torch.nn.functional.conv1d(per_frame.transpose(1, 2), adapter.conv_pool.weight,
+                                            adapter.conv_pool.bias, stride=pool).transpose(1, 2)
+    want_out = pooled.reshape(3, want, 6) @ adapter.proj.weight.T + adapter.proj.bias
+    assert torch.allclose(out, want_out, atol=1e-5)
+    if pool > 1:  # an averaging kernel (identity across channels) makes the conv exactly the average pooling
+        with torch.no_grad():
+            adapter.conv_pool.weight.zero_()
+            adapter.conv_pool.bias.zero_()
+            for c in range(6):
+                adapter.conv_pool.weight[c, c] = 1.0 / adapter.conv_pool.weight[c, c].numel()
+        avg = pool_tokens(per_frame, pool, mode).reshape(3, want, 6)
+        assert torch.allclose(adapter(x), avg @ adapter.proj.weight.T + adapter.proj.bias, atol=1e-5)
+
+
+def test_tiny_model_with_p4_adapters_trains_and_round_trips(tokenizer, world, tmp_path: Path) -> None:
+    """`TinySizes(adapter="p4")`: every modality reads P4's adapter; a mixed batch trains every adapter part, and
+    the saved model directory loads back to the same logits."""
+    model = build_tiny(tokenizer, dataclasses.replace(SIZES, adapter="p4"), seed=2)
+    assert {m: s.projector for m, s in model.modalities.items()} == {"image": "p4", "audio": "p4", "video": "p4"}
+    assert model.projectors["image"].conv_pool is None and isinstance(model.projectors["video"].conv_pool,
+                                                                       torch.nn.Conv2d)
+    fmt = conversation_format(model, tokenizer)
+    batch = Collator(tokenizer.pad_token_id, media_loader(model))(encode_records(_mixed_records(world), fmt, "mix"))
+    out = model.train()(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
+    out.loss.backward()
+    for m in ("image", "audio", "video"):
+        for name, prm in model.projectors[m].named_parameters():
+            assert prm.grad is not None and prm.grad.abs().sum() > 0, (m, name)
+    save_model(model, tokenizer, tmp_path / "p4")
+    loaded, _ = load_model(tmp_path / "p4")
+    assert torch.equal(_logits(model, tokenizer, world), _logits(loaded, tokenizer, world))
+    with pytest.raises(ValueError, match="projector must be one of"):
+        ModalitySpec("<image>", 16, projector="qformer")
+    with pytest.raises(ValueError, match="adapter must be 'llava' or 'p4'"):
+        TinySizes(adapter="blip")
 
 
 def test_spec_defaults_reproduce_the_first_format_and_bad_fields_are_refused() -> None:
@@ -578,3 +644,35 @@ def test_a_micl_stream_runs_end_to_end(micro_overrides, micro_world: Path, tmp_p
     assert [r["after"] for r in matrix["rows"]] == [None, "audio_qa", "video_qa", "image_qa"]
     for row in matrix["rows"]:
         assert set(row["scores"]) == {"audio_qa", "video_qa", "image_qa", "lang_arith"}
+
+
+@pytest.mark.integration
+def test_a_p4_adapter_model_pretrains_and_runs_moincl(micro_world: Path, micro_overrides, tmp_path: Path) -> None:
+    """`mmcl pretrain --adapter p4` builds a model whose every modality reads P4's adapter, aligns it (the adapter
+    learns), and MoInCL runs on it across a modality change."""
+    from mmcl.config import TrainConfig
+    from mmcl.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(vocab_size=400, vision_steps=20,
+                         sizes=TinySizes(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32,
+                                         vision_layers=1, audio_hidden=32, audio_layers=1, adapter="p4"),
+                         language=TrainConfig(epochs=1, batch_size=16, lr=3e-3),
+                         align=TrainConfig(epochs=1, batch_size=16, lr=3e-3))
+    path = pretrain(micro_world, tmp_path / "p4-model", cfg, progress=False, log=lambda *a: None)
+    index = json.loads((path / "mmcl_model.json").read_text())
+    assert {m: s["projector"] for m, s in index["modalities"].items()} == {"image": "p4", "audio": "p4", "video": "p4"}
+    model, tok = load_model(path)
+    fresh = build_tiny(tok, cfg.sizes, seed=cfg.seed)  # the same initialisation pretrain started from
+    assert torch.equal(fresh.projectors["image"].norm.weight, torch.ones(32))
+    for m in ("audio", "video"):  # alignment trained the conv pooling
+        assert not torch.equal(model.projectors[m].conv_pool.weight, fresh.projectors[m].conv_pool.weight), m
+    stream = tmp_path / "two.yaml"
+    stream.write_text(yaml.safe_dump({"name": "two", "tasks": [str(micro_world / "tasks" / t) for t in
+                                                               ("video_cap", "video_qa")],
+                                      "retention": [str(micro_world / "tasks" / "lang_arith")]}))
+    overrides = micro_overrides("p4-moincl", tasks=7, **{"data.stream": str(stream), "model.path": str(path),
+                                                         "strategies": "[moincl]", "train.max_steps": 2,
+                                                         "data.test_limit": 2, "eval.max_new_tokens": 3})
+    run_dir = loop.run(load_config(None, overrides), progress=False, log=lambda *a: None)
+    rows = json.loads((run_dir / "matrix.json").read_text())["rows"]
+    assert [r["after"] for r in rows] == [None, "video_cap", "video_qa"]

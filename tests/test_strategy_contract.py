@@ -247,9 +247,12 @@ def test_per_task_options_are_checked_before_training(knob, micro_overrides):
         build_strategies(load_config(None, [*base, "strategies.knob_test.per_task.shape_cls.fixed=3"]).strategies)
     with pytest.raises(ConfigError, match=r"per_task\.shape_cls\.value: expected a number"):
         build_strategies(load_config(None, [*base, "strategies.knob_test.per_task.shape_cls.value=abc"]).strategies)
-    with pytest.raises(ConfigError, match=r"per_task\.ocr: no such task in the stream; its tasks: color_qa, shape_cls"):
-        loop.build_context(load_config(None, [*base, "strategies.knob_test.per_task.ocr.value=2"]), log=QUIET["log"])
+    unknown_task = r"per_task\.ocr: no such task in the stream; its tasks: color_qa, shape_cls"
+    with pytest.raises(ConfigError, match=unknown_task):
+        loop.build_context(load_config(None, [*base, "strategies.knob_test.per_task.ocr.value=2"]),
+                           log=QUIET["log"])
     with pytest.raises(ConfigError, match=r"per_task\.color_qa\.x: unknown key"):
-        build_strategies(load_config(None, [*base, "strategies=[{knob_test: {per_task: {color_qa: {x: 1}}}}]"]).strategies)
+        build_strategies(load_config(None, [*base, "strategies=[{knob_test: {per_task: {color_qa: {x: 1}}}}]"])
+                         .strategies)
     with pytest.raises(ConfigError, match=r"per_task: expected a mapping of task name to options"):
         build_strategies(load_config(None, [*base, "strategies=[{knob_test: {per_task: [1]}}]"]).strategies)

@@ -170,6 +170,7 @@ def cmd_pretrain(args) -> int:
     from mmcl.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(seed=args.seed)
+    cfg.sizes.adapter = args.adapter
     if args.language_epochs:
         cfg.language.epochs = args.language_epochs
     if args.align_epochs:
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--language-epochs", type=int)
     pt.add_argument("--align-epochs", type=int)
+    pt.add_argument("--adapter", choices=("llava", "p4"), default="llava",
+                    help="llava: LLaVA's MLP projector for images, average pooling + linear for audio/video "
+                    "(default); p4: P4's LayerNorm + learned conv pooling + linear for every modality")
 
     m = add("metrics", "continual-learning metrics of any matrix.json (also published matrices)", cmd_metrics)
     m.add_argument("matrix", help="a matrix.json in mmcl's schema")

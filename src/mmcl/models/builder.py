@@ -67,6 +67,13 @@ class TinySizes:
     audio_pool: int = 5  # 50 positions per second -> 10 tokens per second
     video_frames: int = 4
     video_pool: int = 2  # 4x4 patch grid -> 2x2 tokens per frame
+    adapter: str = "llava"
+    """How features reach the LM: "llava" (images: LLaVA's 2-layer MLP; audio/video: average pooling + linear) or
+    "p4" (every modality: P4's LayerNorm + learned conv pooling + linear)."""
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ("llava", "p4"):
+            raise ValueError(f"TinySizes.adapter must be 'llava' or 'p4', got {self.adapter!r}")
 
 
 TINY_MODALITIES = ("image", "audio", "video")
@@ -77,12 +84,16 @@ def _tiny_specs(s: TinySizes) -> dict[str, ModalitySpec]:
     grid = s.image_size // s.patch_size
     per_frame = (grid // s.video_pool) ** 2
     positions = 50 * s.audio_seconds
+    p4 = s.adapter == "p4"
     return {
-        "image": ModalitySpec("<image>", num_tokens=grid * grid, image_size=s.image_size),
-        "audio": ModalitySpec("<audio>", num_tokens=positions // s.audio_pool, projector="linear", select="full",
-                              pool=s.audio_pool, seconds=s.audio_seconds, n_mels=N_MELS, sampling_rate=16000),
-        "video": ModalitySpec("<video>", num_tokens=s.video_frames * per_frame, projector="linear", pool=s.video_pool,
-                              pool_mode="grid", image_size=s.image_size, encoder="image", frames=s.video_frames),
+        "image": ModalitySpec("<image>", num_tokens=grid * grid, image_size=s.image_size,
+                              projector="p4" if p4 else "mlp2x_gelu"),
+        "audio": ModalitySpec("<audio>", num_tokens=positions // s.audio_pool, projector="p4" if p4 else "linear",
+                              select="full", pool=s.audio_pool, seconds=s.audio_seconds, n_mels=N_MELS,
+                              sampling_rate=16000),
+        "video": ModalitySpec("<video>", num_tokens=s.video_frames * per_frame, projector="p4" if p4 else "linear",
+                              pool=s.video_pool, pool_mode="grid", image_size=s.image_size, encoder="image",
+                              frames=s.video_frames),
     }
 
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 # P4's modality cues (" image: " etc.), for models that want them; the built-in tiny model uses none.
 P4_CUES = {"image": " image: ", "audio": " audio: ", "video": " video: "}
 POOL_MODES = ("1d", "grid")
+PROJECTORS = ("mlp2x_gelu", "linear", "p4")
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ModalitySpec:
 
     placeholder: str  # text placeholder written in the records, e.g. "<image>"
     num_tokens: int  # feature positions per item after selection and pooling (video: frames x tokens per frame)
-    projector: str = "mlp2x_gelu"  # "mlp2x_gelu" (LLaVA-1.5) or "linear" (P4)
+    projector: str = "mlp2x_gelu"  # "mlp2x_gelu" (LLaVA-1.5), "linear", or "p4" (LayerNorm, conv pooling, linear)
     feature_layer: int = -1  # hidden-state layer of the encoder to read
     select: str = "patch"  # "patch" drops a leading CLS token, "full" keeps every token
     pool: int = 1  # "1d": average this many consecutive tokens; "grid": average pool x pool windows of the patch grid
@@ -49,6 +50,8 @@ class ModalitySpec:
     n_mels: int = 80  # audio: log-mel bins
 
     def __post_init__(self) -> None:
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"ModalitySpec.projector must be one of {PROJECTORS}, got {self.projector!r}")
         if self.pool_mode not in POOL_MODES:
             raise ValueError(f"ModalitySpec.pool_mode must be one of {POOL_MODES}, got {self.pool_mode!r}")
         if self.pool < 1 or self.frames < 0 or self.num_tokens < 1:
@@ -71,13 +74,46 @@ class ModalitySpec:
         return cls(**data)
 
 
-def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """LLaVA-1.5's two-layer GELU MLP or a single linear map (P4)."""
+
+class P4Adapter(nn.Module):
+    """P4's per-modality adapter (X-InstructBLIP projection-only): LayerNorm on the encoder features, a learned conv
+    pooling in_dim -> in_dim with kernel = stride = `pool` over each frame's tokens (2-D over the patch grid for
+    `pool_mode` "grid", 1-D over consecutive positions for "1d"; none when pool is 1, as for P4's images), and a
+    linear map into the language model. Input (N, frames x tokens, D), unpooled; output (N, frames x pooled, out)."""
+
+    def __init__(self, in_dim: int, out_dim: int, pool: int = 1, pool_mode: str = "1d", frames: int = 0):
+        super().__init__()
+        self.pool, self.pool_mode, self.frames = pool, pool_mode, max(frames, 1)
+        self.norm = nn.LayerNorm(in_dim)
+        conv = nn.Conv2d if pool_mode == "grid" else nn.Conv1d
+        self.conv_pool = conv(in_dim, in_dim, pool, stride=pool) if pool > 1 else None
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = self.norm(feats)
+        if self.conv_pool is not None:
+            n, length, d = x.shape
+            x = x.reshape(n * self.frames, length // self.frames, d).transpose(1, 2)  # (N·F, D, T)
+            if self.pool_mode == "grid":
+                side = math.isqrt(x.shape[-1])
+                if side * side != x.shape[-1]:
+                    raise ValueError(f"P4 grid pooling needs a square number of tokens per frame, got {x.shape[-1]}")
+                x = x.reshape(*x.shape[:2], side, side)
+            x = self.conv_pool(x).flatten(2).transpose(1, 2)  # (N·F, pooled, D), row-major like pool_tokens
+            x = x.reshape(n, -1, d)
+        return self.proj(x)
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int, spec: ModalitySpec | None = None) -> nn.Module:
+    """LLaVA-1.5's two-layer GELU MLP, a single linear map, or P4's adapter (which pools as `spec` says)."""
     if kind == "mlp2x_gelu":
         return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
-    raise ValueError(f"unknown projector type {kind!r}: use 'mlp2x_gelu' or 'linear'")
+    if kind == "p4":
+        s = spec or ModalitySpec("<x>", 1)
+        return P4Adapter(in_dim, out_dim, s.pool, s.pool_mode, s.frames)
+    raise ValueError(f"unknown projector type {kind!r}: use one of {', '.join(PROJECTORS)}")
 
 
 def pool_tokens(feats: torch.Tensor, pool: int, mode: str = "1d") -> torch.Tensor:
@@ -134,7 +170,7 @@ class MultimodalLM(nn.Module):
         hidden = language_model.get_input_embeddings().embedding_dim
         self.projectors = nn.ModuleDict(
             {
-                m: build_projector(s.projector, encoder_hidden_size(self.encoders[self.encoder_name(m)]), hidden)
+                m: build_projector(s.projector, encoder_hidden_size(self.encoders[self.encoder_name(m)]), hidden, s)
                 for m, s in modalities.items()
             }
         )
@@ -151,7 +187,8 @@ class MultimodalLM(nn.Module):
         """Selected and pooled encoder features before the projector, shape (N, num_tokens, encoder_hidden).
 
         A video clip batch (N, T, 3, S, S) runs as N*T frames through the encoder; each frame's tokens are selected
-        and pooled on their own, then the frames are concatenated in time order.
+        and pooled on their own, then the frames are concatenated in time order. With the "p4" projector the
+        features stay unpooled here: its learned conv pooling does the pooling.
         """
         spec = self.modalities[modality]
         clips = None
@@ -166,7 +203,8 @@ class MultimodalLM(nn.Module):
         feats = out.last_hidden_state if spec.feature_layer == -1 else out.hidden_states[spec.feature_layer]
         if spec.select == "patch":
             feats = feats[:, 1:]
-        feats = pool_tokens(feats, spec.pool, spec.pool_mode)
+        if spec.projector != "p4":
+            feats = pool_tokens(feats, spec.pool, spec.pool_mode)
         if clips is not None:
             feats = feats.reshape(clips[0], clips[1] * feats.shape[1], feats.shape[2])
         return feats

@@ -20,4 +20,5 @@ for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in ("base", "registry") and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["Strategy", "build_strategies", "check_composition", "check_task_options", "get_strategy", "list_strategies", "register_strategy"]
+__all__ = ["Strategy", "build_strategies", "check_composition", "check_task_options", "get_strategy",
+           "list_strategies", "register_strategy"]

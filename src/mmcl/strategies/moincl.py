@@ -201,8 +201,9 @@ class MoInCL(Strategy):
     """
 
     Config = MoInCLOptions
+    # P4's run scripts set these per step (configs/micl/order1_moincl_p4.yaml); `instructions` is read once
     task_options = frozenset({"pseudo", "pseudo_num", "lambda_kl", "temperature", "ikd", "text_instruct_num",
-                              "ikd_mode", "ikd_max_new_tokens", "fusion_alpha", "fusion_every"})  # P4's run scripts set these per step; see configs/micl/order1_moincl_p4.yaml
+                              "ikd_mode", "ikd_max_new_tokens", "fusion_alpha", "fusion_every"})
     needs_teacher = True
     supports_mid_task_resume = False  # teacher and pseudo examples are rebuilt at task start, not checkpointed
 
