@@ -234,10 +234,15 @@ def test_tiny_model_with_p4_adapters_trains_and_round_trips(tokenizer, world, tm
     the saved model directory loads back to the same logits."""
     model = build_tiny(tokenizer, dataclasses.replace(SIZES, adapter="p4"), seed=2)
     assert {m: s.projector for m, s in model.modalities.items()} == {"image": "p4", "audio": "p4", "video": "p4"}
+    assert {m: s.cue for m, s in model.modalities.items()} == P4_CUES
     assert model.projectors["image"].conv_pool is None and isinstance(model.projectors["video"].conv_pool,
                                                                        torch.nn.Conv2d)
     fmt = conversation_format(model, tokenizer)
     batch = Collator(tokenizer.pad_token_id, media_loader(model))(encode_records(_mixed_records(world), fmt, "mix"))
+    cue = fmt.cue_ids["video"]  # the cue's tokens come right before the video's placeholders
+    row = batch["input_ids"][2].tolist()
+    first = row.index(model.token_ids["video"])
+    assert cue and row[first - len(cue):first] == cue
     out = model.train()(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
     out.loss.backward()
     for m in ("image", "audio", "video"):

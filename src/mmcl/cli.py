@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--align-epochs", type=int)
     pt.add_argument("--adapter", choices=("llava", "p4"), default="llava",
                     help="llava: LLaVA's MLP projector for images, average pooling + linear for audio/video "
-                    "(default); p4: P4's LayerNorm + learned conv pooling + linear for every modality")
+                    "(default); p4: P4's LayerNorm + learned conv pooling + linear and P4's cue text for every modality")
 
     m = add("metrics", "continual-learning metrics of any matrix.json (also published matrices)", cmd_metrics)
     m.add_argument("matrix", help="a matrix.json in mmcl's schema")

@@ -35,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mmcl.models.mllm import ModalitySpec, MultimodalLM
+from mmcl.models.mllm import P4_CUES, ModalitySpec, MultimodalLM
 from mmcl.models.tokenizer import PLACEHOLDERS, ConversationFormat, ensure_placeholders
 
 FORMAT = "mmcl-mllm"
@@ -69,7 +69,7 @@ class TinySizes:
     video_pool: int = 2  # 4x4 patch grid -> 2x2 tokens per frame
     adapter: str = "llava"
     """How features reach the LM: "llava" (images: LLaVA's 2-layer MLP; audio/video: average pooling + linear) or
-    "p4" (every modality: P4's LayerNorm + learned conv pooling + linear)."""
+    "p4" (every modality: P4's LayerNorm + learned conv pooling + linear, and P4's cue text " image: " etc.)."""
 
     def __post_init__(self) -> None:
         if self.adapter not in ("llava", "p4"):
@@ -85,15 +85,16 @@ def _tiny_specs(s: TinySizes) -> dict[str, ModalitySpec]:
     per_frame = (grid // s.video_pool) ** 2
     positions = 50 * s.audio_seconds
     p4 = s.adapter == "p4"
+    cue = P4_CUES if p4 else {}
     return {
         "image": ModalitySpec("<image>", num_tokens=grid * grid, image_size=s.image_size,
-                              projector="p4" if p4 else "mlp2x_gelu"),
+                              projector="p4" if p4 else "mlp2x_gelu", cue=cue.get("image", "")),
         "audio": ModalitySpec("<audio>", num_tokens=positions // s.audio_pool, projector="p4" if p4 else "linear",
                               select="full", pool=s.audio_pool, seconds=s.audio_seconds, n_mels=N_MELS,
-                              sampling_rate=16000),
+                              sampling_rate=16000, cue=cue.get("audio", "")),
         "video": ModalitySpec("<video>", num_tokens=s.video_frames * per_frame, projector="p4" if p4 else "linear",
                               pool=s.video_pool, pool_mode="grid", image_size=s.image_size, encoder="image",
-                              frames=s.video_frames),
+                              frames=s.video_frames, cue=cue.get("video", "")),
     }
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 
-# P4's modality cues (" image: " etc.), for models that want them; the built-in tiny model uses none.
+# P4's modality cues (" image: " etc.), for models that want them; the tiny model uses them with adapter "p4".
 P4_CUES = {"image": " image: ", "audio": " audio: ", "video": " video: "}
 POOL_MODES = ("1d", "grid")
 PROJECTORS = ("mlp2x_gelu", "linear", "p4")
