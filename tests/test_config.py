@@ -199,6 +199,8 @@ def test_batch_size_must_be_divisible_by_grad_accum() -> None:
     [
         (["train.batch_size=0"], r"train\.batch_size: 0 must be >= 1"),
         (["train.lr=0"], r"train\.lr: 0\.0 must be > 0"),
+        (["eval.num_beams=0"], r"eval\.num_beams: 0 must be >= 1 \(1 is greedy decoding\)"),
+        (["eval.repetition_penalty=0"], r"eval\.repetition_penalty: 0\.0 must be > 0"),
         (["data.max_bad_fraction=1.5"], r"data\.max_bad_fraction: 1\.5 must be within \[0, 1\]"),
         (["model.train=[encoders,heads]"], r"model\.train: unknown part\(s\) \['heads'\]"),
         (["strategies=[]"], r"strategies: give at least one strategy"),

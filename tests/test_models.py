@@ -187,12 +187,14 @@ def _mixed_records(world: Path) -> list[Record]:
     return records
 
 
-def test_left_padded_batched_generation_equals_one_at_a_time(micro_world: Path) -> None:
+@pytest.fixture(scope="module")
+def wide(micro_world: Path):
+    """(model, format, media loader, records of different lengths, tokenizer) with random wide weights: the greedy
+    text is long, varied and sensitive to every position, which a trained micro model (it answers blanks after a
+    few steps of pre-training) is not."""
     from mmcl.data.synth import world_texts
 
     tokenizer = train_bpe_tokenizer([*world_texts(micro_world), "USER: ASSISTANT:"], vocab_size=400)
-    # Random weights with a wide spread: the greedy text is long, varied and sensitive to every position, which a
-    # trained micro model (it answers blanks after a few steps of pre-training) is not.
     model = build_tiny(tokenizer, TinySizes(hidden=32, layers=2, heads=2, intermediate=64, vision_hidden=32,
                                             vision_layers=1), seed=1).eval()
     torch.manual_seed(2)
@@ -206,19 +208,52 @@ def test_left_padded_batched_generation_equals_one_at_a_time(micro_world: Path) 
     lengths = [len(e.input_ids) for e in encode_records(records, fmt, "mix", for_generation=True)]
     assert len(set(lengths)) == len(records) == 6
     assert sum(bool(r.media) for r in records) == 4
+    return model, fmt, media, records, tokenizer
 
-    def answers(collator: Collator, batch_size: int) -> list[str]:
-        return generate_answers(model, fmt, collator, records, "mix", 5, batch_size, torch.device("cpu"), torch.float32)
 
+def _answers(wide, collator: Collator, batch_size: int, **decoding) -> list[str]:
+    model, fmt, _, records, _ = wide
+    return generate_answers(model, fmt, collator, records, "mix", 5, batch_size, torch.device("cpu"), torch.float32,
+                            **decoding)
+
+
+def test_left_padded_batched_generation_equals_one_at_a_time(wide) -> None:
+    _, _, media, records, tokenizer = wide
     left = Collator(tokenizer.pad_token_id, media, left_pad=True)
-    one_by_one = answers(left, 1)
-    batched = answers(left, len(records))
+    one_by_one = _answers(wide, left, 1)
+    batched = _answers(wide, left, len(records))
     assert all(len(a) >= 3 for a in one_by_one), one_by_one
     assert len(set(one_by_one)) >= 3, one_by_one
     assert batched == one_by_one
     # negative control: right padding puts pads between prompt and answer, and the comparison sees it
     right = Collator(tokenizer.pad_token_id, media, left_pad=False)
-    assert answers(right, len(records)) != one_by_one
+    assert _answers(wide, right, len(records)) != one_by_one
+    # beam search (eval.num_beams) batches the same way
+    beams = _answers(wide, left, 1, num_beams=3)
+    assert _answers(wide, left, len(records), num_beams=3) == beams
+
+
+def test_repetition_penalty_reaches_generation(wide) -> None:
+    """eval.repetition_penalty reaches the model's generate. HF's penalty divides a positive logit of an
+    already generated token by it (multiplies a negative one), so a penalty below 1 rewards repeating: the wide
+    model then repeats more, and `generate_answers` gives exactly what a direct call with the penalty gives."""
+    model, fmt, media, records, tokenizer = wide
+    left = Collator(tokenizer.pad_token_id, media, left_pad=True)
+    batch = left(encode_records(records, fmt, "mix", for_generation=True))
+
+    def raw(**decoding) -> list[list[int]]:
+        with torch.no_grad():
+            out = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=5,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=fmt.eos, **decoding)
+        return [[t for t in row if t not in (tokenizer.pad_token_id, fmt.eos)] for row in out.tolist()]
+
+    def repeats(rows: list[list[int]]) -> int:
+        return sum(len(t) - len(set(t)) for t in rows)
+
+    greedy, rewarded = raw(), raw(repetition_penalty=1e-4)
+    assert repeats(rewarded) > repeats(greedy), (greedy, rewarded)
+    direct = [fmt.decode_answer(ids) for ids in rewarded]
+    assert _answers(wide, left, len(records), repetition_penalty=1e-4) == direct != _answers(wide, left, len(records))
 
 
 # -- save / load ----------------------------------------------------------------------------------------------------

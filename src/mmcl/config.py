@@ -92,6 +92,11 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int | None = None
     """Override every task's generation budget."""
+    num_beams: int = 1
+    """Beam search width for every generation (evaluation and strategies' pseudo targets); 1 = greedy. P4: 5."""
+    repetition_penalty: float = 1.0
+    """Above 1 discourages repeating a token already generated in the answer (HF's CTRL-style penalty, applied to
+    the new tokens since the prompt is fed as embeddings); P4: 1.15."""
     retention: bool = True
     """Evaluate the stream's retention (language-only) tasks at every row."""
 
@@ -145,6 +150,10 @@ class RunConfig:
                 f"train.batch_size ({self.train.batch_size}) must be divisible by train.grad_accum "
                 f"({self.train.grad_accum})"
             )
+        if self.eval.num_beams < 1:
+            raise ConfigError(f"eval.num_beams: {self.eval.num_beams} must be >= 1 (1 is greedy decoding)")
+        if not self.eval.repetition_penalty > 0:
+            raise ConfigError(f"eval.repetition_penalty: {self.eval.repetition_penalty} must be > 0 (1 is no penalty)")
         if self.train.lr <= 0:
             raise ConfigError(f"train.lr: {self.train.lr} must be > 0")
         if not 0 <= self.data.max_bad_fraction <= 1:

@@ -20,7 +20,7 @@ from mmcl.data.records import DataError, Problem, Stream, format_problems, read_
 from mmcl.engine import checkpoint as ck
 from mmcl.engine.context import Context
 from mmcl.engine.train import Preempted, ResumePoint, StepHooks, fit
-from mmcl.eval.generate import evaluate_task
+from mmcl.eval.generate import evaluate_task, generation_options
 from mmcl.eval.metrics import compute_metrics
 from mmcl.models.builder import conversation_format, count_parameters, media_loader
 from mmcl.strategies import Strategy, build_strategies, check_composition, check_task_options
@@ -137,6 +137,7 @@ def evaluate_row(ctx: Context, row: int, progress: bool) -> dict[str, float]:
         res = evaluate_task(
             ctx.model, ctx.fmt, collate, task, ctx.records[task.name]["test"],
             batch_size=cfg.eval.batch_size, device=ctx.device, dtype=ctx.dtype, max_new_tokens=cfg.eval.max_new_tokens,
+            **generation_options(cfg.eval),
         )
         scores[task.name] = round(res.score, 4)
         if ctx.accelerator.is_main_process:

@@ -1,4 +1,4 @@
-"""Batched greedy evaluation: generate answers for a task's test records and score them."""
+"""Batched evaluation: generate answers (greedy, or beam search) for a task's test records and score them."""
 
 from __future__ import annotations
 
@@ -32,8 +32,12 @@ def generate_answers(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    *,
+    num_beams: int = 1,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
-    """Greedy answers in record order. Prompts are grouped by length so batches carry little padding."""
+    """Answers in record order, greedy unless `num_beams` > 1. Prompts are grouped by length so batches carry
+    little padding."""
     examples = encode_records(records, fmt, task, for_generation=True)
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), i))
     answers: list[str] = [""] * len(examples)
@@ -50,6 +54,9 @@ def generate_answers(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=collator.pad_id,
                 eos_token_id=fmt.eos,
+                num_beams=num_beams,
+                # only when asked for: HF warns that, with a prompt given as embeddings, it penalises new tokens only
+                **({"repetition_penalty": repetition_penalty} if repetition_penalty != 1.0 else {}),
             )
             for i, row in zip(idx, new.tolist()):
                 answers[i] = fmt.decode_answer(row)
@@ -69,10 +76,13 @@ def evaluate_task(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     max_new_tokens: int | None = None,
+    num_beams: int = 1,
+    repetition_penalty: float = 1.0,
 ) -> TaskResult:
     """Score a task's test records with its scorer; returns the score (0-100 scale) and per-record predictions."""
     answers = generate_answers(
-        model, fmt, collator, records, task.name, max_new_tokens or task.max_new_tokens, batch_size, device, dtype
+        model, fmt, collator, records, task.name, max_new_tokens or task.max_new_tokens, batch_size, device, dtype,
+        num_beams=num_beams, repetition_penalty=repetition_penalty,
     )
     refs = [r.references for r in records]
     result = get_scorer(task.scorer)(answers, refs)
@@ -87,3 +97,8 @@ def evaluate_task(
         for r, a, ref, s in zip(records, answers, refs, result.per_sample)
     ]
     return TaskResult(task.name, float(result.score), preds)
+
+
+def generation_options(cfg) -> dict:
+    """The decoding settings of an `EvalConfig`, as keyword arguments of `generate_answers` / `evaluate_task`."""
+    return {"num_beams": cfg.num_beams, "repetition_penalty": cfg.repetition_penalty}

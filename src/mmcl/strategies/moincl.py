@@ -14,6 +14,7 @@ import torch
 from mmcl.data.batching import Example, move_batch
 from mmcl.data.records import MODALITIES, PLACEHOLDER, Record, Task, read_records
 from mmcl.engine.train import token_cross_entropy_sum
+from mmcl.eval.generate import generate_answers, generation_options
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.lwf import distillation_loss
 from mmcl.strategies.registry import register_strategy
@@ -49,8 +50,8 @@ class MoInCLOptions:
     """Text-only instructions per micro-batch for IKD (P4's `text_instruct_num`, 4)."""
     ikd_mode: str = "kl"
     """How IKD keeps the previous model's behaviour on the instructions: 'kl' distils its softened token
-    distributions (P4's default `text_instruct_constraint_type`), 'pseudo' trains with cross-entropy on its greedy
-    answers (P4's alternative)."""
+    distributions (P4's default `text_instruct_constraint_type`), 'pseudo' trains with cross-entropy on its
+    answers (P4's alternative; decoded with the run's `eval` settings)."""
     ikd_max_new_tokens: int = 32
     """Longest previous-model answer to an instruction with `ikd_mode: pseudo`."""
     instructions: str | None = None
@@ -165,8 +166,8 @@ class MoInCL(Strategy):
     Rules, each a switch for P4's ablations:
     1. Teacher: at the start of task index ≥ 1 the model is deep-copied as a frozen teacher (eval, no grad).
     2. PTGM (`pseudo`): on a QA task (type qa/mcq/classification) after a captioning task of the same modality,
-       the teacher generates, greedily (`generate_answers`, `eval.batch_size`, `eval.max_new_tokens` or the
-       caption task's max), a caption for chosen training inputs of the current task, prompted by the earlier
+       the teacher generates, with the run's decoding settings (greedy unless `eval.num_beams` > 1; P4: beam 5,
+       `eval.repetition_penalty` 1.15; `eval.max_new_tokens` or the caption task's max), a caption for chosen training inputs of the current task, prompted by the earlier
        caption task's own first human turn; on a captioning task after a QA task of the same modality, the
        teacher answers a question sampled (seeded) from that QA task's training records on each chosen input
        (P4 loads pseudo QA pairs pre-made by another model from files; mmcl generates them with the previous
@@ -186,7 +187,7 @@ class MoInCL(Strategy):
        non-pad position of those rows is added with weight 1 (P4: `batchmean` over all positions, padding too).
        Instructions: `instructions` file, else the training records of the stream's text-only retention tasks
        (P4 samples Natural Instructions, not available offline); no source is an error before training.
-       With `ikd_mode: pseudo` (P4's alternative), the teacher's greedy answer to each sampled instruction
+       With `ikd_mode: pseudo` (P4's alternative), the teacher's answer to each sampled instruction
        (cached per instruction for the task: the teacher is fixed) is the target of a cross-entropy term, the mean
        over those answer tokens, weight 1; the rows stay out of the task loss.
     5. Fusion (`fusion_alpha`, off by default): on task index ≥ 1, after every epoch (P4's TMLR code; or once at
@@ -195,7 +196,7 @@ class MoInCL(Strategy):
        P4's `--projection_fusion`). The optimizer's moments are kept, as in P4's code.
     Every option but `instructions` can take another value per task (`per_task`, P4's per-step table).
     Total: CE(task ∪ pseudo) + λ_KL·L_KD + L_IKD. State: none in the checkpoint — the teacher is the model at the
-    task boundary (rebuilt by `on_task_start`) and pseudo examples are regenerated deterministically (greedy
+    task boundary (rebuilt by `on_task_start`) and pseudo examples are regenerated deterministically (greedy or beam
     decoding, seeded choices), so a boundary resume is exact; mid-task resume is not supported. Memory: one
     extra model copy during tasks ≥ 2; compute: generation before the task, a teacher forward per micro-batch.
     """
@@ -274,7 +275,6 @@ class MoInCL(Strategy):
             return examples
         kind, source = plan
         from mmcl.engine.loop import task_seed
-        from mmcl.eval.generate import generate_answers
 
         count = round(len(examples) * self.config.pseudo_num / ctx.config.train.batch_size)
         inputs = ctx.records[ctx.task.name]["train"]
@@ -299,7 +299,7 @@ class MoInCL(Strategy):
         answers = generate_answers(
             self.teacher, ctx.fmt, ctx.collator(left_pad=True), queries, ctx.task.name,
             ctx.config.eval.max_new_tokens or source.max_new_tokens, ctx.config.eval.batch_size, ctx.device,
-            ctx.dtype,
+            ctx.dtype, **generation_options(ctx.config.eval),
         )
         pseudo = []
         for q, a in zip(queries, answers):
@@ -326,15 +326,14 @@ class MoInCL(Strategy):
         return [self._ikd_examples[i] for i in chosen]
 
     def answered(self, ctx: Context, chosen: list[int]) -> list[Example]:
-        """The instructions `chosen` with the teacher's greedy answers as supervised targets (generated once each)."""
-        from mmcl.eval.generate import generate_answers
+        """The instructions `chosen` with the teacher's answers as supervised targets (generated once each)."""
 
         todo = [i for i in dict.fromkeys(chosen) if i not in self._ikd_answered]
         if todo:
             queries = [Record(f"{IKD_PREFIX}-{i}", self._instructions[i], [], {}, IKD_PREFIX) for i in todo]
             answers = generate_answers(self.teacher, ctx.fmt, ctx.collator(left_pad=True), queries, IKD_PREFIX,
                                        self.config.ikd_max_new_tokens, ctx.config.eval.batch_size, ctx.device,
-                                       ctx.dtype)
+                                       ctx.dtype, **generation_options(ctx.config.eval))
             for i, q, a in zip(todo, queries, answers):
                 conv = [*q.conversations[:-1], {"from": "gpt", "value": a}]
                 self._ikd_answered[i] = Example(q.id, *ctx.fmt.encode(conv), {}, IKD_PREFIX)
