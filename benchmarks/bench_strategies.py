@@ -5,7 +5,7 @@ Every case is set up as the continual engine (`mmcl.engine.loop._run`) does it: 
 the built-in `image` stream and tiny model, `set_trainable` with the engine's default parts, a `Context`,
 `prepare_model`; then a first task (`color_qa`: `on_task_start`, a few training steps with the strategy's hooks,
 `on_task_end` in reverse order) so the state a strategy has in the *second* task exists (EWC/MAS importance and
-anchor, LwF teacher, replay memory, the EMA swapped in), and `on_task_start` of the second task (`shape_cls`).
+anchor, LwF/MoInCL teacher, replay memory, the EMA swapped in), and `on_task_start` of the second task (`shape_cls`).
 The second task's steps are then timed through `fit` with the strategy's `StepHooks` (`loop._step_hooks`) against
 the same steps (same weights, same seeded batch plan) with the hooks of the baseline composition: `[sequential]`,
 or `[lora]` for `[lora, llaca]` (LLaCA runs on a LoRA adapter, so sequential LoRA is its baseline). Replay adds no
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 import benchutil  # noqa: E402
 
-STEP_GOALS = {"ema": 1.05, "llaca": 1.10, "ewc": 1.15, "mas": 1.15, "replay": 1.05, "lwf": 1.6}
+STEP_GOALS = {"ema": 1.05, "llaca": 1.10, "ewc": 1.15, "mas": 1.15, "replay": 1.05, "lwf": 1.6, "moincl": 1.6}
 IMPORTANCE_GOAL = 1.2
 STATE_GOAL = 2.0
 FIRST_TASK_STEPS = 3
@@ -48,6 +48,9 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "mas": (["mas"], ["sequential"]),
     "replay": (["replay"], ["sequential"]),
     "lwf": (["lwf"], ["sequential"]),
+    # shape_cls after color_qa is QA after QA, so no pseudo targets: what is timed is IKD (text_instruct_num rows
+    # appended to every micro-batch and a teacher forward on them)
+    "moincl": (["moincl"], ["sequential"]),
 }
 
 
@@ -84,8 +87,10 @@ def build_case(name: str, world: Path, model_path: Path, run_dir: Path) -> Case:
     case = Case(name, names, base_names)
     (run_dir / name).mkdir(parents=True, exist_ok=True)
     stream_file = run_dir / name / "stream.yaml"  # the benchmark trains the first two tasks only
-    tasks = yaml.safe_load((world / "streams" / "image.yaml").read_text())["tasks"][:2]
-    stream_file.write_text(yaml.safe_dump({"name": "bench", "tasks": [str(world / "streams" / t) for t in tasks]}))
+    image = yaml.safe_load((world / "streams" / "image.yaml").read_text())
+    stream_file.write_text(yaml.safe_dump({  # the retention tasks are MoInCL's instructions; nothing is evaluated
+        "name": "bench", "tasks": [str(world / "streams" / t) for t in image["tasks"][:2]],
+        "retention": [str(world / "streams" / t) for t in image.get("retention", [])]}))
     cfg = RunConfig(
         name=f"bench-{name}", output_dir=str(run_dir / name), strategies=[StrategySpec(n) for n in names],
         model=ModelConfig(path=str(model_path)), data=DataConfig(stream=str(stream_file)),
@@ -227,7 +232,7 @@ def state_bytes(case: Case) -> dict:
            "trainable_parameters": sum(p.numel() for _, p in case.ctx.trainable_parameters())}
     out["ratio"] = out["state_bytes"] / trainable
     teacher = getattr(case.strategies[-1], "teacher", None)
-    if teacher is not None:  # LwF: a full model copy held while the task trains (not checkpointed)
+    if teacher is not None:  # LwF, MoInCL: a full model copy held while the task trains (not checkpointed)
         out["teacher_bytes"] = _tensor_bytes([*teacher.parameters(), *teacher.buffers()])
         out["model_bytes"] = _tensor_bytes([*case.ctx.model.parameters(), *case.ctx.model.buffers()])
     return out

@@ -71,7 +71,7 @@ def render(results: dict, meta: dict) -> str:
         "- **Strategy overheads**: seconds per training step of each continual-learning strategy (its `StepHooks`"
         " through `fit`, in the state it has in a stream's second task) ÷ those of plain `sequential` on the same model"
         " and weights. Goals: `ema` ≤ 1.05, `llaca` ≤ 1.10 (vs `lora`), `ewc`/`mas` penalty ≤ 1.15, `replay` ≤ 1.05,"
-        " `lwf` ≤ 1.6; the EWC/MAS importance pass ≤ 1.2× one training epoch over the task's data; the state kept by"
+        " `lwf` ≤ 1.6, `moincl` ≤ 1.6 (its instruction distillation); the EWC/MAS importance pass ≤ 1.2× one training epoch over the task's data; the state kept by"
         " `ema`/`llaca` ≤ 2× the trainable parameters' bytes.",
         "",
         "## Machine and run",
