@@ -77,8 +77,10 @@ def test_cli_run_writes_the_run_directory(micro_overrides, capsys):
     assert printed["final_average_accuracy"] == pytest.approx(metrics["final_average_accuracy"])
 
 
-def test_resume_after_interruption_gives_bitwise_the_same_run(micro_overrides, monkeypatch):
-    full = run(load_config(None, micro_overrides("full")), progress=False, log=lambda *a: None)
+@pytest.mark.parametrize("extra", [{}, {"train.early_stopping_patience": 1, "train.epochs": 2,
+                                       "train.val_fraction": 0.25}], ids=["plain", "early-stopping"])
+def test_resume_after_interruption_gives_bitwise_the_same_run(micro_overrides, monkeypatch, extra):
+    full = run(load_config(None, micro_overrides("full", **extra)), progress=False, log=lambda *a: None)
 
     # interrupted: evaluation after task 2 dies, so the task-2 checkpoint is never written
     real = loop.evaluate_row
@@ -89,7 +91,7 @@ def test_resume_after_interruption_gives_bitwise_the_same_run(micro_overrides, m
         return real(ctx, row, progress)
 
     monkeypatch.setattr(loop, "evaluate_row", dying)
-    cfg = load_config(None, micro_overrides("cut"))
+    cfg = load_config(None, micro_overrides("cut", **extra))
     with pytest.raises(KeyboardInterrupt):
         run(cfg, progress=False, log=lambda *a: None)
     assert (cfg.run_dir / "checkpoints" / "latest").read_text().strip() == "task-01-color_qa"
@@ -103,6 +105,8 @@ def test_resume_after_interruption_gives_bitwise_the_same_run(micro_overrides, m
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     la, lb = json.loads((full / "losses.json").read_text()), json.loads((resumed / "losses.json").read_text())
     assert la == lb
+    ca, cb = (json.loads((d / "cost.json").read_text()).get("early_stopping") for d in (full, resumed))
+    assert ca == cb and (len(ca) == 3 if extra else ca == {})
 
 
 def test_same_seed_same_run_other_seed_differs(micro_overrides):
@@ -250,3 +254,82 @@ def test_demo_runs_both_strategies_and_prints_where_the_reports_are(stream, stra
         tasks = json.loads((out / s / "matrix.json").read_text())["tasks"]
         assert (tasks[0], len(tasks)) == (("color_qa", 7) if stream == "image" else ("audio_cap", 6))
     assert main(["demo", "--stream", stream, "--quick", "--out", str(out), "--no-progress"]) == 2  # not empty
+
+
+# -- early stopping ---------------------------------------------------------------------------------------------------
+
+
+def test_hold_out_is_seeded_disjoint_and_keeps_file_order() -> None:
+    records = list(range(20))
+    train, val = loop.hold_out(records, 0.25, seed=7)
+    assert len(val) == 5 and sorted(train + val) == records and not set(train) & set(val)
+    assert train == sorted(train) and val == sorted(val)
+    assert loop.hold_out(records, 0.25, seed=7) == (train, val) and loop.hold_out(records, 0.25, seed=8)[1] != val
+    assert [len(v) for _, v in (loop.hold_out(records[:3], 0.01, 0), loop.hold_out(records[:3], 0.99, 0))] == [1, 2]
+
+
+def test_early_stopping_validation_records(micro_overrides, micro_world, tmp_path):
+    """Held out from train (seeded, per task) unless the task has its own val split; nothing held out when off."""
+    task_dir = tmp_path / "color_qa_val"
+    import shutil
+
+    shutil.copytree(micro_world / "tasks" / "color_qa", task_dir)
+    manifest = task_dir / "task.yaml"
+    manifest.write_text(manifest.read_text().replace("test: test.jsonl}", "test: test.jsonl, val: test.jsonl}"))
+    stream = tmp_path / "val.yaml"
+    stream.write_text(json.dumps({"name": "v", "tasks": [str(task_dir), str(micro_world / "tasks" / "shape_cls")]}))
+    base = micro_overrides("es-records", tasks=2) + [f"data.stream={stream}"]
+    ctx, _, _ = loop.build_context(load_config(None, base + ["train.early_stopping_patience=2",
+                                                             "train.val_fraction=0.25"]), log=lambda *a: None)
+    own, held = ctx.records["color_qa"], ctx.records["shape_cls"]
+    assert [r.id for r in own["val"]] == [r.id for r in own["test"]] and len(own["train"]) == 24
+    assert (len(held["train"]), len(held["val"])) == (18, 6)
+    assert not {r.id for r in held["train"]} & {r.id for r in held["val"]}
+    off, _, _ = loop.build_context(load_config(None, base), log=lambda *a: None)
+    assert "val" not in off.records["shape_cls"] and len(off.records["shape_cls"]["train"]) == 24
+
+
+def test_early_stopping_stops_after_patience_epochs_without_a_better_score(micro_overrides):
+    # lr 1e-12: the weights barely move, so the validation score never improves after the first epoch
+    over = {"train.lr": 1e-12, "train.epochs": 5, "train.early_stopping_patience": 2, "train.val_fraction": 0.25,
+            "eval.retention": "false", "data.test_limit": 2, "eval.max_new_tokens": 3}
+    run_dir = run(load_config(None, micro_overrides("es-stop", tasks=2, **over)), progress=False, log=lambda *a: None)
+    cost = json.loads((run_dir / "cost.json").read_text())
+    for task in ("color_qa", "shape_cls"):
+        record = cost["early_stopping"][task]
+        assert record["epochs"] == 3 and record["best_epoch"] == 1, record  # best at 1, then 2 epochs without gain
+        assert len(set(record["val_scores"])) == 1
+    assert cost["steps"] == 2 * 3 * 3  # 18 training records in batches of 8: 3 steps per epoch, 3 epochs, 2 tasks
+    report = (run_dir / "report.md").read_text()
+    assert "## Early stopping" in report and "| color_qa | 3 | 1 |" in report
+
+
+def test_early_stopping_keeps_the_weights_of_the_best_epoch(micro_overrides):
+    """The task ends with the weights its best validation epoch had (a probe records the weights each epoch ends
+    with, which are the ones validated); with a learning rate this high the later epochs are not better."""
+    from mmcl.strategies import Strategy, register_strategy
+    from mmcl.strategies.registry import _REGISTRY
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class EpochProbe(Strategy):
+        """Records the trainable weights at every epoch end (test only)."""
+
+        def on_epoch_end(self, ctx):
+            seen.append({n: p.detach().clone() for n, p in ctx.trainable_parameters()})
+
+    register_strategy("epoch_probe_test")(EpochProbe)
+    try:
+        over = {"train.lr": 5e-2, "train.epochs": 3, "train.early_stopping_patience": 3, "train.val_fraction": 0.25,
+                "eval.retention": "false", "data.test_limit": 2, "eval.max_new_tokens": 3,
+                "strategies": "[epoch_probe_test]"}
+        run_dir = run(load_config(None, micro_overrides("es-best", tasks=1, **over)), progress=False,
+                      log=lambda *a: None)
+    finally:
+        _REGISTRY.pop("epoch_probe_test", None)
+    record = json.loads((run_dir / "cost.json").read_text())["early_stopping"]["color_qa"]
+    assert record["epochs"] == len(seen) == 3 and record["best_epoch"] < 3, record
+    final = _final_weights(run_dir)
+    best, last = seen[record["best_epoch"] - 1], seen[-1]
+    assert all(torch.equal(final[n], best[n]) for n in best)
+    assert any(not torch.equal(final[n], last[n]) for n in last)  # the last epoch's weights were not kept

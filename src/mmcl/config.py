@@ -85,6 +85,12 @@ class TrainConfig:
     """A NaN/inf loss: `raise` stops before the optimizer step; `skip` drops the step."""
     max_consecutive_skips: int = 5
     """With on_nonfinite=skip, abort after this many non-finite steps in a row."""
+    early_stopping_patience: int = 0
+    """Score each task on validation records after every epoch, stop its training after this many epochs without
+    a better score, and keep the weights of its best epoch (P4: 5, with up to 40 epochs). 0: off."""
+    val_fraction: float = 0.1
+    """With early stopping, the share of a task's training records held out (seeded) for validation; a task with
+    its own `val` split uses that instead."""
 
 
 @dataclass
@@ -154,6 +160,14 @@ class RunConfig:
             raise ConfigError(f"eval.num_beams: {self.eval.num_beams} must be >= 1 (1 is greedy decoding)")
         if not self.eval.repetition_penalty > 0:
             raise ConfigError(f"eval.repetition_penalty: {self.eval.repetition_penalty} must be > 0 (1 is no penalty)")
+        if self.train.early_stopping_patience < 0:
+            raise ConfigError(f"train.early_stopping_patience: {self.train.early_stopping_patience} must be >= 0 "
+                              "(0 turns early stopping off)")
+        if not 0 < self.train.val_fraction < 1:
+            raise ConfigError(f"train.val_fraction: {self.train.val_fraction} must be within (0, 1)")
+        if self.train.early_stopping_patience and self.checkpoint.every_steps:
+            raise ConfigError("checkpoint.every_steps: early stopping keeps the best epoch's weights in memory, so a "
+                              "run cannot resume inside a task; use 0 (task boundaries) or train.early_stopping_patience=0")
         if self.train.lr <= 0:
             raise ConfigError(f"train.lr: {self.train.lr} must be > 0")
         if not 0 <= self.data.max_bad_fraction <= 1:

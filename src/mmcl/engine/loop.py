@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from mmcl.config import ConfigError, RunConfig
-from mmcl.data.records import DataError, Problem, Stream, format_problems, read_records
+from mmcl.data.records import DataError, Problem, Stream, Task, format_problems, read_records
 from mmcl.engine import checkpoint as ck
 from mmcl.engine.context import Context
 from mmcl.engine.train import Preempted, ResumePoint, StepHooks, fit
@@ -46,6 +46,8 @@ class Cost:
     total_parameters: int = 0
     extra_state_bytes: int = 0
     peak_memory_bytes: int = 0
+    early_stopping: dict[str, dict] = field(default_factory=dict)
+    """Per task with early stopping: validation score after each epoch, the best epoch (kept), epochs trained."""
     losses: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -58,6 +60,18 @@ class Cost:
 def task_seed(seed: int, task_index: int, purpose: int = 0) -> int:
     """A distinct, reproducible seed per (run seed, task, purpose), so a resumed task replays exactly."""
     return (seed * 1_000_003 + (task_index + 1) * 7919 + purpose * 104_729) % 2**32
+
+
+SEED_VALIDATION = 2
+"""`task_seed` purpose of the records held out for early stopping (0: global seeding, 1: batch order)."""
+
+
+def hold_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): round(fraction · n) records (at least 1, at most n − 1) drawn by `seed`, in file order."""
+    n = len(records)
+    k = min(max(1, round(fraction * n)), n - 1)
+    held = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
 def seed_everything(seed: int) -> None:
@@ -91,9 +105,12 @@ def preflight(stream: Stream, cfg: RunConfig, log=print) -> tuple[dict[str, dict
     record (policy `error`), or drops them (policy `skip`) unless too many are bad."""
     records: dict[str, dict[str, list]] = {}
     problems: list[Problem] = []
+    validate = cfg.train.early_stopping_patience > 0
     for task in stream.all_tasks:
         records[task.name] = {}
         splits = ["train", "test"] if task in stream.tasks else ["test"]
+        if validate and task in stream.tasks and "val" in task.splits:
+            splits.append("val")
         for split in splits:
             limit = cfg.data.train_limit if split == "train" else cfg.data.test_limit
             good, bad = read_records(task, split, allow_outside_root=cfg.data.allow_outside_root, limit=limit)
@@ -107,6 +124,14 @@ def preflight(stream: Stream, cfg: RunConfig, log=print) -> tuple[dict[str, dict
             if not good:
                 raise DataError(f"{task.name}/{split}: no usable records in {task.split_path(split)}")
             records[task.name][split] = good
+    if validate:
+        for index, task in enumerate(stream.tasks):
+            if "val" not in records[task.name]:
+                if len(records[task.name]["train"]) < 2:
+                    raise DataError(f"{task.name}: early stopping holds training records out for validation, but "
+                                    "the task has fewer than 2; add a val split or set train.early_stopping_patience=0")
+                records[task.name]["train"], records[task.name]["val"] = hold_out(
+                    records[task.name]["train"], cfg.train.val_fraction, task_seed(cfg.seed, index, SEED_VALIDATION))
     if problems and cfg.data.on_bad_record == "error":
         raise DataError(
             f"{len(problems)} bad record(s); fix them, or set data.on_bad_record=skip to leave them out:\n"
@@ -145,6 +170,45 @@ def evaluate_row(ctx: Context, row: int, progress: bool) -> dict[str, float]:
                 for p in res.predictions:
                     f.write(json.dumps(p, ensure_ascii=False) + "\n")
     return scores
+
+
+@dataclass
+class EarlyStopping:
+    """Validation after every epoch of a task: keeps a copy of the trainable weights of the best epoch so far and
+    says when `patience` epochs have passed without a better score (P4 trains up to 40 epochs, patience 5)."""
+
+    ctx: Context
+    task: Task
+    patience: int
+    scores: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    best: dict[str, torch.Tensor] = field(default_factory=dict)
+    time_s: float = 0.0
+
+    def after_epoch(self, epoch: int) -> bool:
+        t = time.perf_counter()
+        cfg = self.ctx.config
+        res = evaluate_task(
+            self.ctx.model, self.ctx.fmt, self.ctx.collator(left_pad=True), self.task,
+            self.ctx.records[self.task.name]["val"], batch_size=cfg.eval.batch_size, device=self.ctx.device,
+            dtype=self.ctx.dtype, max_new_tokens=cfg.eval.max_new_tokens, **generation_options(cfg.eval),
+        )
+        self.scores.append(res.score)
+        if self.best_epoch < 0 or res.score > self.scores[self.best_epoch]:
+            self.best_epoch = len(self.scores) - 1
+            self.best = {n: p.detach().clone() for n, p in self.ctx.trainable_parameters()}
+        self.time_s += time.perf_counter() - t
+        return len(self.scores) - 1 - self.best_epoch >= self.patience
+
+    def restore_best(self) -> None:
+        """Put the best epoch's weights back (before the strategies' task-end hooks see the model)."""
+        with torch.no_grad():
+            for name, p in self.ctx.trainable_parameters():
+                p.copy_(self.best[name])
+
+    def summary(self) -> dict:
+        return {"val_scores": [round(x, 4) for x in self.scores], "best_epoch": self.best_epoch + 1,
+                "epochs": len(self.scores)}
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------------
@@ -366,16 +430,35 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
                  {"optimizer": opt_tensors, "rng": {"torch": state.rng}})
             say(f"checkpoint inside {task.name} at step {state.step}")
 
+        hooks = _step_hooks(ctx, strategies)
+        patience = cfg.train.early_stopping_patience
+        stopper = EarlyStopping(ctx, task, patience) if patience else None
+        if stopper is not None:
+            strategies_epoch = hooks.after_epoch
+
+            def after_epoch(epoch: int) -> bool:
+                strategies_epoch(epoch)  # e.g. MoInCL's fusion, so the validated weights are the ones kept
+                return stopper.after_epoch(epoch)
+
+            hooks.after_epoch = after_epoch
         result = fit(
             model, examples, ctx.collator(), cfg.train, accelerator,
-            seed=task_seed(cfg.seed, index, purpose=1), hooks=_step_hooks(ctx, strategies),
+            seed=task_seed(cfg.seed, index, purpose=1), hooks=hooks,
             label=f"task {index + 1}/{len(stream.tasks)} {task.name}", progress=progress, on_step=on_step,
             resume=mid, checkpoint_every=cfg.checkpoint.every_steps,
-            on_checkpoint=on_checkpoint if not no_mid else None,
+            on_checkpoint=on_checkpoint if not no_mid and stopper is None else None,
             should_stop=lambda: stop.requested,
         )
         mid = None
         accelerator.free_memory()
+        if stopper is not None:
+            stopper.restore_best()
+            cost.early_stopping[task.name] = stopper.summary()
+            result.train_time_s -= stopper.time_s  # validation counts as evaluation, not training
+            cost.eval_time_s += stopper.time_s
+            early = " (stopped early)" if result.stopped_early else ""
+            say(f"{task.name}: best validation score {stopper.scores[stopper.best_epoch]:.1f} at epoch "
+                f"{stopper.best_epoch + 1} of {len(stopper.scores)}{early}; its weights are kept")
         call(strategies[::-1], "on_task_end", ctx)  # unwind like a stack: a wrapper listed first (lora) ends last
         cost.train_time_s += result.train_time_s
         cost.steps += result.steps
@@ -457,8 +540,11 @@ def _step_hooks(ctx: Context, strategies: list[Strategy]) -> StepHooks:
         values = [v for v in call(strategies, "extra_loss", ctx, batch, out) if v is not None]
         return sum(values) if values else None
 
+    def epoch_end(epoch: int) -> None:  # strategies never end training early; see EarlyStopping
+        call(strategies, "on_epoch_end", ctx)
+
     return StepHooks(transform, task_loss, extra, lambda step: call(strategies, "after_optimizer_step", ctx),
-                     lambda epoch: call(strategies, "on_epoch_end", ctx))
+                     epoch_end)
 
 
 def _strategy_state(strategies: list[Strategy]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -52,8 +52,9 @@ class StepHooks:
     task_loss: Callable[[dict, object], torch.Tensor | None] | None = None
     extra_loss: Callable[[dict, object], torch.Tensor | None] | None = None
     after_step: Callable[[int], None] | None = None
-    after_epoch: Callable[[int], None] | None = None
-    """Called with the epoch index after the last step of each epoch (and of a last epoch cut short by max_steps)."""
+    after_epoch: Callable[[int], bool | None] | None = None
+    """Called with the epoch index after the last step of each epoch (and of a last epoch cut short by max_steps);
+    returning True ends the task's training there (early stopping)."""
 
 
 @dataclass
@@ -63,6 +64,7 @@ class FitResult:
     skipped_steps: int = 0
     train_time_s: float = 0.0
     samples: int = 0
+    stopped_early: bool = False
 
 
 def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -224,8 +226,10 @@ def fit(
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
         result.steps = step + 1
         if hooks.after_epoch and (result.steps % per_epoch == 0 or result.steps == total):
-            hooks.after_epoch(step // per_epoch)
+            result.stopped_early = bool(hooks.after_epoch(step // per_epoch)) and result.steps < total
         bar.update(1)
+        if result.stopped_early:
+            break
         stop = should_stop() if should_stop else False
         if on_checkpoint and result.steps < total and (stop or (checkpoint_every and result.steps % checkpoint_every == 0)):
             on_checkpoint(TrainState(result.steps, optimizer.state_dict(), scheduler.state_dict(),

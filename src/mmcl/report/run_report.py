@@ -187,6 +187,13 @@ def _cost_table(cost: dict) -> Table:
     return Table(["cost", "value"], rows)
 
 
+def _early_stopping_table(record: dict) -> Table:
+    """Per task: epochs trained, the best (kept) epoch and the validation score after every epoch."""
+    rows = [[task, str(r.get("epochs", "")), str(r.get("best_epoch", "")),
+             ", ".join(fmt(v, 1) for v in r.get("val_scores", []))] for task, r in record.items()]
+    return Table(["task", "epochs trained", "best epoch (kept)", "validation score per epoch"], rows)
+
+
 def _short(text: Any, limit: int) -> str:
     text = " ".join(str(text).replace("<image>", "").split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -239,6 +246,8 @@ def _blocks(run_dir: Path, matrix: dict, metrics: dict, cost: dict | None) -> li
         out.append(Block("p", "cost.json records none of the known cost fields."))
     else:
         out.append(Block("table", cost_table))
+    if isinstance((cost or {}).get("early_stopping"), dict) and cost["early_stopping"]:
+        out += [Block("h2", "Early stopping"), Block("table", _early_stopping_table(cost["early_stopping"]))]
     row_name, predictions = _final_predictions(run_dir)
     if predictions:
         out.append(Block("h2", f"Example predictions ({row_name})"))
