@@ -167,7 +167,8 @@ class RunConfig:
             raise ConfigError(f"train.val_fraction: {self.train.val_fraction} must be within (0, 1)")
         if self.train.early_stopping_patience and self.checkpoint.every_steps:
             raise ConfigError("checkpoint.every_steps: early stopping keeps the best epoch's weights in memory, so a "
-                              "run cannot resume inside a task; use 0 (task boundaries) or train.early_stopping_patience=0")
+                              "run cannot resume inside a task; use 0 (task boundaries) or "
+                              "train.early_stopping_patience=0")
         if self.train.lr <= 0:
             raise ConfigError(f"train.lr: {self.train.lr} must be > 0")
         if not 0 <= self.data.max_bad_fraction <= 1:

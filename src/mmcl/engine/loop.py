@@ -19,7 +19,7 @@ from mmcl.config import ConfigError, RunConfig
 from mmcl.data.records import DataError, Problem, Stream, Task, format_problems, read_records
 from mmcl.engine import checkpoint as ck
 from mmcl.engine.context import Context
-from mmcl.engine.train import Preempted, ResumePoint, StepHooks, fit
+from mmcl.engine.train import FitResult, Preempted, ResumePoint, StepHooks, fit
 from mmcl.eval.generate import evaluate_task, generation_options
 from mmcl.eval.metrics import compute_metrics
 from mmcl.models.builder import conversation_format, count_parameters, media_loader
@@ -200,15 +200,33 @@ class EarlyStopping:
         self.time_s += time.perf_counter() - t
         return len(self.scores) - 1 - self.best_epoch >= self.patience
 
-    def restore_best(self) -> None:
-        """Put the best epoch's weights back (before the strategies' task-end hooks see the model)."""
+    @classmethod
+    def attach(cls, ctx: Context, task: Task, hooks: StepHooks) -> EarlyStopping:
+        """Validate after the strategies' own epoch-end hooks (e.g. MoInCL's fusion), so the weights scored are
+        the ones kept."""
+        stopper = cls(ctx, task, ctx.config.train.early_stopping_patience)
+        strategies_epoch = hooks.after_epoch
+
+        def after_epoch(epoch: int) -> bool:
+            strategies_epoch(epoch)
+            return stopper.after_epoch(epoch)
+
+        hooks.after_epoch = after_epoch
+        return stopper
+
+    def finish(self, result: FitResult, cost: Cost, log) -> None:
+        """Put the best epoch's weights back (before the strategies' task-end hooks see the model) and record it;
+        validation time counts as evaluation, not training."""
         with torch.no_grad():
             for name, p in self.ctx.trainable_parameters():
                 p.copy_(self.best[name])
-
-    def summary(self) -> dict:
-        return {"val_scores": [round(x, 4) for x in self.scores], "best_epoch": self.best_epoch + 1,
-                "epochs": len(self.scores)}
+        cost.early_stopping[self.task.name] = {"val_scores": [round(x, 4) for x in self.scores],
+                                               "best_epoch": self.best_epoch + 1, "epochs": len(self.scores)}
+        result.train_time_s -= self.time_s
+        cost.eval_time_s += self.time_s
+        early = " (stopped early)" if result.stopped_early else ""
+        log(f"{self.task.name}: best validation score {self.scores[self.best_epoch]:.1f} at epoch "
+            f"{self.best_epoch + 1} of {len(self.scores)}{early}; its weights are kept")
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------------
@@ -431,16 +449,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
             say(f"checkpoint inside {task.name} at step {state.step}")
 
         hooks = _step_hooks(ctx, strategies)
-        patience = cfg.train.early_stopping_patience
-        stopper = EarlyStopping(ctx, task, patience) if patience else None
-        if stopper is not None:
-            strategies_epoch = hooks.after_epoch
-
-            def after_epoch(epoch: int) -> bool:
-                strategies_epoch(epoch)  # e.g. MoInCL's fusion, so the validated weights are the ones kept
-                return stopper.after_epoch(epoch)
-
-            hooks.after_epoch = after_epoch
+        stopper = EarlyStopping.attach(ctx, task, hooks) if cfg.train.early_stopping_patience else None
         result = fit(
             model, examples, ctx.collator(), cfg.train, accelerator,
             seed=task_seed(cfg.seed, index, purpose=1), hooks=hooks,
@@ -452,13 +461,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
         mid = None
         accelerator.free_memory()
         if stopper is not None:
-            stopper.restore_best()
-            cost.early_stopping[task.name] = stopper.summary()
-            result.train_time_s -= stopper.time_s  # validation counts as evaluation, not training
-            cost.eval_time_s += stopper.time_s
-            early = " (stopped early)" if result.stopped_early else ""
-            say(f"{task.name}: best validation score {stopper.scores[stopper.best_epoch]:.1f} at epoch "
-                f"{stopper.best_epoch + 1} of {len(stopper.scores)}{early}; its weights are kept")
+            stopper.finish(result, cost, say)
         call(strategies[::-1], "on_task_end", ctx)  # unwind like a stack: a wrapper listed first (lora) ends last
         cost.train_time_s += result.train_time_s
         cost.steps += result.steps
