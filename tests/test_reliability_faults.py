@@ -205,6 +205,32 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_the_resume_loses_noth
                                                                                  .read_text())["rows"]
 
 
+def test_sigterm_with_early_stopping_keeps_the_boundary_checkpoint_and_the_resume_redoes_the_task(
+        probe, micro_overrides, monkeypatch):
+    """Early stopping keeps the best epoch's weights in memory, so SIGTERM inside a task writes no mid-task
+    checkpoint: the run stops after the step, the last boundary checkpoint stays the latest, and the resume redoes
+    the task from its start and ends exactly as an uninterrupted run."""
+    fast_engine(monkeypatch)
+    over = {"train.max_steps": 3, "train.epochs": 2, "train.early_stopping_patience": 1, "train.val_fraction": 0.25}
+    full = loop.run(load_config(None, probe_run(micro_overrides, "es-full", **over)), **QUIET)
+    probe.plan = {"sigterm": [[1, 0]]}
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        cfg = load_config(None, probe_run(micro_overrides, "es-cut", **over))
+        with pytest.raises(Preempted, match=r"task 2/2 shape_cls: stopped after step 1/"):
+            loop.run(cfg, **QUIET)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert latest(cfg.run_dir).name == "task-01-color_qa"
+    assert_no_partial_checkpoints(cfg.run_dir)
+    probe.plan = {}
+    resumed = loop.run(cfg, resume=True, **QUIET)
+    assert_tensors_equal(tensors_of(latest(full))["model"], tensors_of(latest(resumed))["model"], "weights")
+    rows = [json.loads((d / "matrix.json").read_text())["rows"] for d in (full, resumed)]
+    stops = [json.loads((d / "cost.json").read_text())["early_stopping"] for d in (full, resumed)]
+    assert rows[0] == rows[1] and stops[0] == stops[1] and len(stops[0]) == 2
+
+
 def test_sigterm_through_the_cli_exits_143_and_restores_the_handler(probe, micro_overrides, monkeypatch, capsys):
     fast_engine(monkeypatch)
     probe.plan = {"sigterm": [[0, 0]]}

@@ -113,7 +113,8 @@ class CheckpointConfig:
     """Task-boundary checkpoints to keep (0 keeps all). The latest complete one is never pruned."""
     every_steps: int = 0
     """Also checkpoint every N optimizer steps inside a task (0: only at task boundaries); a resume then continues
-    mid-task with exactly the batches an uninterrupted run would use. SIGTERM always writes one."""
+    mid-task with exactly the batches an uninterrupted run would use. SIGTERM writes one too, except in runs that
+    cannot resume inside a task (lwf, moincl, early stopping): they resume from the last task boundary."""
 
 
 @dataclass
