@@ -24,7 +24,7 @@ from reliability_support import (
     probe_seen,
     tensors_of,
 )
-from test_strategy_contract import fast_engine
+from test_strategy_contract import FAST, QUIET, fast_engine
 
 from mmcl.cli import main
 from mmcl.config import load_config
@@ -34,10 +34,6 @@ from mmcl.engine import loop
 from mmcl.engine.train import NonFiniteLossError, Preempted
 
 pytestmark = pytest.mark.integration
-
-QUIET = dict(progress=False, log=lambda *a: None)
-FAST = {"data.train_limit": 8, "train.batch_size": 4, "train.max_steps": 2, "data.test_limit": 1,
-        "eval.max_new_tokens": 1, "eval.retention": "false"}
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from reliability_support import PROBE, assert_no_partial_checkpoints, latest, tensors_of
-from test_strategy_contract import fast_engine
+from test_strategy_contract import FAST, QUIET, fast_engine
 
 from mmcl.cli import main
 from mmcl.config import load_config
@@ -30,7 +30,6 @@ from mmcl.engine import loop
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # child processes: ~25 s each on a 2-core machine
 
 HERE = Path(__file__).resolve().parent
-QUIET = dict(progress=False, log=lambda *a: None)
 ATOL = 1e-5  # documented in docs/reliability.md: 2 processes vs 1 differ only by float summation order
 
 
@@ -96,9 +95,6 @@ def test_sigterm_to_the_cli_exits_143_with_a_checkpoint_and_resume_gives_the_sam
 
 # -- 14. two processes ------------------------------------------------------------------------------------------------
 
-DIST = {"data.train_limit": 8, "train.batch_size": 4, "train.max_steps": 2, "data.test_limit": 1,
-        "eval.max_new_tokens": 1, "eval.retention": "false"}
-
 
 def _writes(audit: Path, rank: int, under: Path) -> list[str]:
     f = audit / f"rank-{rank}.log"
@@ -109,20 +105,20 @@ def _writes(audit: Path, rank: int, under: Path) -> list[str]:
 def test_two_processes_train_like_one_and_only_rank_0_writes(micro_overrides, monkeypatch, tmp_path):
     audit = tmp_path / "audit"
     audit.mkdir()
-    args = micro_overrides("ddp", tasks=1, **DIST)
+    args = micro_overrides("ddp", tasks=1, **FAST)
     run_dir = tmp_path / "ddp"
     proc = subprocess.run(torchrun(args), env=child_env(RELIABILITY_AUDIT_DIR=str(audit)), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     fast_engine(monkeypatch)
-    single = loop.run(load_config(None, micro_overrides("single", tasks=1, **DIST)), **QUIET)
+    single = loop.run(load_config(None, micro_overrides("single", tasks=1, **FAST)), **QUIET)
     w2, w1 = tensors_of(latest(run_dir))["model"], tensors_of(latest(single))["model"]
     assert w1.keys() == w2.keys()
     worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert worst <= ATOL, f"2 processes vs 1: max |difference| {worst:.2e} > {ATOL}"
     # negative control: the tolerance is tight enough to see a real difference (another global batch, 2 instead of 4)
-    other = loop.run(load_config(None, micro_overrides("other", tasks=1, **dict(DIST, **{"train.batch_size": 2}))),
+    other = loop.run(load_config(None, micro_overrides("other", tasks=1, **dict(FAST, **{"train.batch_size": 2}))),
                      **QUIET)
     wo = tensors_of(latest(other))["model"]
     assert max(float((wo[k] - w2[k]).abs().max()) for k in wo) > 100 * ATOL
@@ -145,10 +141,10 @@ def test_moincl_in_two_processes_makes_the_same_pseudo_examples_on_every_rank(mi
     fast_engine(monkeypatch)
     for name, options in (("ptgm", ["strategies.moincl.ikd=false", "strategies.moincl.lambda_kl=0"]),
                           ("full", ["strategies.moincl.fusion_alpha=0.5"])):
-        args = micro_overrides(f"ddp-{name}", tasks=1, **DIST, strategies="[moincl]") + [f"data.stream={stream}"]
+        args = micro_overrides(f"ddp-{name}", tasks=1, **FAST, strategies="[moincl]") + [f"data.stream={stream}"]
         proc = subprocess.run(torchrun(args + options), env=child_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        single = loop.run(load_config(None, micro_overrides(f"single-{name}", tasks=1, **DIST, strategies="[moincl]")
+        single = loop.run(load_config(None, micro_overrides(f"single-{name}", tasks=1, **FAST, strategies="[moincl]")
                                       + [f"data.stream={stream}", *options]), **QUIET)
         rows = json.loads((tmp_path / f"ddp-{name}" / "matrix.json").read_text())["rows"]
         assert [r["after"] for r in rows] == [None, "caption", "color_qa"]
@@ -158,7 +154,7 @@ def test_moincl_in_two_processes_makes_the_same_pseudo_examples_on_every_rank(mi
             worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
             assert worst <= ATOL, f"MoInCL (pseudo examples only), 2 processes vs 1: max |difference| {worst:.2e}"
             # negative control: without the pseudo examples the weights are measurably different
-            plain = loop.run(load_config(None, micro_overrides("plain", tasks=1, **DIST, strategies="[moincl]")
+            plain = loop.run(load_config(None, micro_overrides("plain", tasks=1, **FAST, strategies="[moincl]")
                                          + [f"data.stream={stream}", *options, "strategies.moincl.pseudo=false"]),
                              **QUIET)
             wp = tensors_of(latest(plain))["model"]
@@ -166,7 +162,7 @@ def test_moincl_in_two_processes_makes_the_same_pseudo_examples_on_every_rank(mi
 
 
 def test_a_fault_on_one_rank_stops_both_without_a_hang(micro_overrides, tmp_path):
-    args = micro_overrides("fault", tasks=1, **dict(DIST, strategies=f"[{PROBE}]", **{"train.max_steps": 4,
+    args = micro_overrides("fault", tasks=1, **dict(FAST, strategies=f"[{PROBE}]", **{"train.max_steps": 4,
                                                                                         "train.epochs": 2}))
     plan = {"rank": 1, "fail": {"hook": "after_optimizer_step", "task": 0, "step": 1}}
     # subprocess.run's timeout is the "no hang" check: it raises if either rank is still running after 120 s

@@ -25,7 +25,7 @@ from reliability_support import (
     probe_seen,
     tensors_of,
 )
-from test_strategy_contract import CASES, fast_engine, overrides_for
+from test_strategy_contract import CASES, QUIET, fast_engine, overrides_for
 
 from mmcl.config import load_config
 from mmcl.data.records import DataError
@@ -34,8 +34,6 @@ from mmcl.engine import loop
 from mmcl.strategies import list_strategies
 
 pytestmark = pytest.mark.integration
-
-QUIET = dict(progress=False, log=lambda *a: None)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from mmcl.config import RunConfig
 from mmcl.data.batching import Collator, Example, MediaLoader, encode_records, move_batch
 from mmcl.data.records import Record, Stream, Task
+from mmcl.eval.generate import TaskResult, evaluate_task, generate_answers, generation_options
 from mmcl.models.mllm import MultimodalLM
 from mmcl.models.tokenizer import ConversationFormat
 
@@ -77,3 +78,16 @@ class Context:
         """Run `model` (default: the trained model) on a device batch; returns the HF output with `.logits`."""
         m = model if model is not None else self.model
         return m(batch["input_ids"], batch["attention_mask"], batch["media"])
+
+    def generate(self, model: torch.nn.Module, records: list[Record], task: str, max_new_tokens: int) -> list[str]:
+        """Answers of `model` to `records`, decoded with the run's `eval` settings (batch size, greedy or beams)."""
+        return generate_answers(model, self.fmt, self.collator(left_pad=True), records, task, max_new_tokens,
+                                self.config.eval.batch_size, self.device, self.dtype,
+                                **generation_options(self.config.eval))
+
+    def score(self, task: Task, split: str) -> TaskResult:
+        """The trained model's score (and predictions) on one split of a task, as the accuracy matrix measures it."""
+        cfg = self.config.eval
+        return evaluate_task(self.model, self.fmt, self.collator(left_pad=True), task, self.records[task.name][split],
+                             batch_size=cfg.batch_size, device=self.device, dtype=self.dtype,
+                             max_new_tokens=cfg.max_new_tokens, **generation_options(cfg))

@@ -20,7 +20,6 @@ from mmcl.data.records import DataError, Problem, Stream, Task, format_problems,
 from mmcl.engine import checkpoint as ck
 from mmcl.engine.context import Context
 from mmcl.engine.train import FitResult, Preempted, ResumePoint, StepHooks, fit
-from mmcl.eval.generate import evaluate_task, generation_options
 from mmcl.eval.metrics import compute_metrics
 from mmcl.models.builder import conversation_format, count_parameters, media_loader
 from mmcl.strategies import Strategy, build_strategies, check_composition, check_task_options
@@ -151,7 +150,6 @@ def evaluate_row(ctx: Context, row: int, progress: bool) -> dict[str, float]:
 
     cfg = ctx.config
     tasks = ctx.stream.tasks + (ctx.stream.retention if cfg.eval.retention else [])
-    collate = ctx.collator(left_pad=True)
     scores = {}
     out_dir = ctx.run_dir / "predictions" / f"row-{row:02d}"
     if ctx.accelerator.is_main_process:
@@ -159,11 +157,7 @@ def evaluate_row(ctx: Context, row: int, progress: bool) -> dict[str, float]:
     label = "initial" if row == 0 else f"after {ctx.stream.tasks[row - 1].name}"
     show = progress and ctx.accelerator.is_main_process
     for task in tqdm(tasks, desc=f"eval {label}", leave=False, disable=not show):
-        res = evaluate_task(
-            ctx.model, ctx.fmt, collate, task, ctx.records[task.name]["test"],
-            batch_size=cfg.eval.batch_size, device=ctx.device, dtype=ctx.dtype, max_new_tokens=cfg.eval.max_new_tokens,
-            **generation_options(cfg.eval),
-        )
+        res = ctx.score(task, "test")
         scores[task.name] = round(res.score, 4)
         if ctx.accelerator.is_main_process:
             with (out_dir / f"{task.name}.jsonl").open("w") as f:
@@ -187,14 +181,8 @@ class EarlyStopping:
 
     def after_epoch(self, epoch: int) -> bool:
         t = time.perf_counter()
-        cfg = self.ctx.config
-        res = evaluate_task(
-            self.ctx.model, self.ctx.fmt, self.ctx.collator(left_pad=True), self.task,
-            self.ctx.records[self.task.name]["val"], batch_size=cfg.eval.batch_size, device=self.ctx.device,
-            dtype=self.ctx.dtype, max_new_tokens=cfg.eval.max_new_tokens, **generation_options(cfg.eval),
-        )
-        self.scores.append(res.score)
-        if self.best_epoch < 0 or res.score > self.scores[self.best_epoch]:
+        self.scores.append(self.ctx.score(self.task, "val").score)
+        if self.best_epoch < 0 or self.scores[-1] > self.scores[self.best_epoch]:
             self.best_epoch = len(self.scores) - 1
             self.best = {n: p.detach().clone() for n, p in self.ctx.trainable_parameters()}
         self.time_s += time.perf_counter() - t

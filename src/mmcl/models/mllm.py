@@ -81,6 +81,8 @@ class P4Adapter(nn.Module):
     `pool_mode` "grid", 1-D over consecutive positions for "1d"; none when pool is 1, as for P4's images), and a
     linear map into the language model. Input (N, frames x tokens, D), unpooled; output (N, frames x pooled, out)."""
 
+    pools_tokens = True  # the encoder's features reach it unpooled: its conv does the pooling
+
     def __init__(self, in_dim: int, out_dim: int, pool: int = 1, pool_mode: str = "1d", frames: int = 0):
         super().__init__()
         self.pool, self.pool_mode, self.frames = pool, pool_mode, max(frames, 1)
@@ -187,8 +189,8 @@ class MultimodalLM(nn.Module):
         """Selected and pooled encoder features before the projector, shape (N, num_tokens, encoder_hidden).
 
         A video clip batch (N, T, 3, S, S) runs as N*T frames through the encoder; each frame's tokens are selected
-        and pooled on their own, then the frames are concatenated in time order. With the "p4" projector the
-        features stay unpooled here: its learned conv pooling does the pooling.
+        and pooled on their own, then the frames are concatenated in time order. A projector that pools itself
+        (`pools_tokens`, P4's adapter) gets them unpooled.
         """
         spec = self.modalities[modality]
         clips = None
@@ -203,7 +205,7 @@ class MultimodalLM(nn.Module):
         feats = out.last_hidden_state if spec.feature_layer == -1 else out.hidden_states[spec.feature_layer]
         if spec.select == "patch":
             feats = feats[:, 1:]
-        if spec.projector != "p4":
+        if not getattr(self.projectors[modality], "pools_tokens", False):
             feats = pool_tokens(feats, spec.pool, spec.pool_mode)
         if clips is not None:
             feats = feats.reshape(clips[0], clips[1] * feats.shape[1], feats.shape[2])

@@ -14,7 +14,6 @@ import torch
 from mmcl.data.batching import Example, move_batch
 from mmcl.data.records import MODALITIES, PLACEHOLDER, Record, Task, read_records
 from mmcl.engine.train import token_cross_entropy_sum
-from mmcl.eval.generate import generate_answers, generation_options
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.lwf import distillation_loss
 from mmcl.strategies.registry import register_strategy
@@ -165,18 +164,18 @@ class MoInCL(Strategy):
 
     Rules, each a switch for P4's ablations:
     1. Teacher: at the start of task index ≥ 1 the model is deep-copied as a frozen teacher (eval, no grad).
-    2. PTGM (`pseudo`): on a QA task (type qa/mcq/classification) after a captioning task of the same modality,
-       the teacher generates, with the run's decoding settings (greedy unless `eval.num_beams` > 1; P4: beam 5,
-       `eval.repetition_penalty` 1.15; `eval.max_new_tokens` or the caption task's max), a caption for chosen training inputs of the current task, prompted by the earlier
-       caption task's own first human turn; on a captioning task after a QA task of the same modality, the
-       teacher answers a question sampled (seeded) from that QA task's training records on each chosen input
-       (P4 loads pseudo QA pairs pre-made by another model from files; mmcl generates them with the previous
-       model). The most recent such earlier task is used; otherwise no pseudo examples. A pseudo example has the
-       input's media, the prompt, and the teacher's text as answer. P4 duplicates `pseudo_num` samples of each
-       batch of 8 into pseudo samples and appends them; here round(n · pseudo_num / train.batch_size) pseudo
-       examples (inputs drawn uniformly without replacement, seeded) join the task's examples in
-       `train_examples`, so about `pseudo_num` per global batch are pseudo, and the loss stays the exact token
-       mean of the global batch (appending per batch would break the engine's normaliser). They join the CE.
+    2. PTGM (`pseudo`): on a QA task (type qa/mcq/classification) after a captioning task of the same modality, the
+       teacher generates (`ctx.generate`: the run's decoding settings, greedy unless `eval.num_beams` > 1; P4: beam 5,
+       `eval.repetition_penalty` 1.15; `eval.max_new_tokens` or the caption task's max), a caption for chosen training
+       inputs of the current task, prompted by the earlier caption task's own first human turn; on a captioning task
+       after a QA task of the same modality, the teacher answers a question sampled (seeded) from that QA task's
+       training records on each chosen input (P4 loads pseudo QA pairs pre-made by another model from files; mmcl
+       generates them with the previous model). The most recent such earlier task is used; otherwise no pseudo
+       examples. A pseudo example has the input's media, the prompt, and the teacher's text as answer. P4 duplicates
+       `pseudo_num` samples of each batch of 8 into pseudo samples and appends them; here round(n · pseudo_num /
+       train.batch_size) pseudo examples (inputs drawn uniformly without replacement, seeded) join the task's examples
+       in `train_examples`, so about `pseudo_num` per global batch are pseudo, and the loss stays the exact token mean
+       of the global batch (appending per batch would break the engine's normaliser). They join the CE.
     3. KD on pseudo examples: for the rows of a micro-batch that are pseudo examples, λ_KL·T²·KL(softmax(z_old/T)
        ‖ softmax(z_new/T)), averaged over their supervised positions (P4 includes all positions, prompt and
        padding too; mmcl distils the answers the pseudo target is about), teacher under no_grad, LwF's KD function.
@@ -296,11 +295,8 @@ class MoInCL(Strategy):
                    f"pseudo from {source.name}")
             for k, (i, p) in enumerate(zip(chosen, prompts))
         ]
-        answers = generate_answers(
-            self.teacher, ctx.fmt, ctx.collator(left_pad=True), queries, ctx.task.name,
-            ctx.config.eval.max_new_tokens or source.max_new_tokens, ctx.config.eval.batch_size, ctx.device,
-            ctx.dtype, **generation_options(ctx.config.eval),
-        )
+        answers = ctx.generate(self.teacher, queries, ctx.task.name,
+                               ctx.config.eval.max_new_tokens or source.max_new_tokens)
         pseudo = []
         for q, a in zip(queries, answers):
             conv = [q.conversations[0], {"from": "gpt", "value": a}]
@@ -331,9 +327,7 @@ class MoInCL(Strategy):
         todo = [i for i in dict.fromkeys(chosen) if i not in self._ikd_answered]
         if todo:
             queries = [Record(f"{IKD_PREFIX}-{i}", self._instructions[i], [], {}, IKD_PREFIX) for i in todo]
-            answers = generate_answers(self.teacher, ctx.fmt, ctx.collator(left_pad=True), queries, IKD_PREFIX,
-                                       self.config.ikd_max_new_tokens, ctx.config.eval.batch_size, ctx.device,
-                                       ctx.dtype, **generation_options(ctx.config.eval))
+            answers = ctx.generate(self.teacher, queries, IKD_PREFIX, self.config.ikd_max_new_tokens)
             for i, q, a in zip(todo, queries, answers):
                 conv = [*q.conversations[:-1], {"from": "gpt", "value": a}]
                 self._ikd_answered[i] = Example(q.id, *ctx.fmt.encode(conv), {}, IKD_PREFIX)
