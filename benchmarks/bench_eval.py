@@ -32,11 +32,11 @@ def run(quick: bool = False) -> dict:
     tasks = QUICK_TASKS if quick else TASKS
     rounds = 2 if quick else 3
     world, model_path = benchutil.world_and_model_paths()
-    model, tokenizer, fmt, media = benchutil.load(model_path)
+    model, processor, media = benchutil.load(model_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     dtype = next(model.parameters()).dtype
-    collator = Collator(tokenizer.pad_token_id, media, left_pad=True)
+    collator = Collator(processor, media, left_pad=True)
     sets = []
     for name in tasks:
         task, recs = benchutil.records(world, name, "test")
@@ -45,7 +45,8 @@ def run(quick: bool = False) -> dict:
 
     def answer(task, recs, batch_size: int) -> tuple[float, float, list[str]]:
         t, c = time.perf_counter(), time.process_time()
-        out = generate_answers(model, fmt, collator, recs, task.name, task.max_new_tokens, batch_size, device, dtype)
+        out = generate_answers(model, processor, collator, recs, task.name, task.max_new_tokens, batch_size, device,
+                               dtype)
         return time.perf_counter() - t, time.process_time() - c, out
 
     # warm-up: decode every image once (the media cache is shared by both), warm the generation code paths

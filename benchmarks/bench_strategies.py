@@ -2,11 +2,12 @@
 cost of the EWC/MAS importance pass against one training epoch, and the state EMA/LLaCA keep.
 
 Every case is set up as the continual engine (`mmcl.engine.loop._run`) does it: a `RunConfig` naming the strategies,
-the built-in `image` stream and tiny model, `set_trainable` with the engine's default parts, a `Context`,
-`prepare_model`; then a first task (`color_qa`: `on_task_start`, a few training steps with the strategy's hooks,
-`on_task_end` in reverse order) so the state a strategy has in the *second* task exists (EWC/MAS importance and
-anchor, LwF/MoInCL teacher, replay memory, the EMA swapped in), and `on_task_start` of the second task (`shape_cls`).
-The second task's steps are then timed through `fit` with the strategy's `StepHooks` (`loop._step_hooks`) against
+the built-in `image` stream and tiny model, `build_context` (`set_trainable` with the engine's default parts, a
+`Context`, the run's `Strategies`), `prepare_model`; then a first task (`color_qa`: `use_task`, `on_task_start`, a few
+training steps with the strategy's hooks, `on_task_end` in reverse order) so the state a strategy has in the *second*
+task exists (EWC/MAS importance and anchor, LwF/MoInCL teacher, replay memory, the EMA swapped in), and `use_task` +
+`on_task_start` of the second task (`shape_cls`).
+The second task's steps are then timed through `fit` with the strategy's `StepHooks` (`Strategies.step_hooks`) against
 the same steps (same weights, same seeded batch plan) with the hooks of the baseline composition: `[sequential]`,
 or `[lora]` for `[lora, llaca]` (LLaCA runs on a LoRA adapter, so sequential LoRA is its baseline). Replay adds no
 per-step work, it mixes the memory into the task's examples (`train_examples`), which adds steps per epoch; what is
@@ -66,7 +67,7 @@ class Case:
     names: list[str]
     baseline_names: list[str]
     ctx: object = None
-    strategies: list = field(default_factory=list)
+    strategies: list = field(default_factory=list)  # the run's `Strategies` (a sequence with the hook calls)
     hooks: object = None
     baseline_hooks: object = None
     examples: list = field(default_factory=list)  # what the strategy trains on (train_examples chain)
@@ -79,8 +80,10 @@ def build_case(name: str, world: Path, model_path: Path, run_dir: Path) -> Case:
     import yaml
 
     from mmcl.config import DataConfig, ModelConfig, RunConfig, StrategySpec, TrainConfig
-    from mmcl.engine.loop import _step_hooks, build_context, call, make_accelerator, seed_everything, task_seed
+    from mmcl.engine.hooks import Strategies
+    from mmcl.engine.setup import build_context, make_accelerator
     from mmcl.engine.train import fit
+    from mmcl.seeding import SEED_BATCH_ORDER, seed_everything, task_seed
     from mmcl.strategies import build_strategies
 
     names, base_names = CASES[name]
@@ -100,38 +103,35 @@ def build_case(name: str, world: Path, model_path: Path, run_dir: Path) -> Case:
     seed_everything(cfg.seed)
     ctx, strategies, _ = build_context(cfg, accelerator, log=lambda *a: None)
     model = ctx.model
-    call(strategies, "prepare_model", ctx)
-
-    def chain(examples):
-        for s in strategies:
-            examples = call([s], "train_examples", ctx, examples)[0]
-        return examples
+    strategies.prepare_model(ctx)
 
     # first task: a few steps with the strategy's hooks, then its task end (importance, teacher, memory, EMA swap)
     ctx.task_index = 0
     seed_everything(task_seed(cfg.seed, 0))
-    call(strategies, "on_task_start", ctx)
+    strategies.use_task(ctx.task.name)
+    strategies.on_task_start(ctx)
     first = TrainConfig(epochs=1000, max_steps=FIRST_TASK_STEPS, batch_size=BATCH_SIZE, lr=1e-3)
-    fit(model, chain(ctx.train_examples(ctx.task.name)), ctx.collator(), first, accelerator,
-        seed=task_seed(cfg.seed, 0, purpose=1), hooks=_step_hooks(ctx, strategies), progress=False)
-    call(strategies[::-1], "on_task_end", ctx)
+    fit(model, strategies.train_examples(ctx, ctx.train_examples(ctx.task.name)), ctx.collator(), first, accelerator,
+        seed=task_seed(cfg.seed, 0, SEED_BATCH_ORDER), hooks=strategies.step_hooks(ctx), progress=False)
+    strategies.on_task_end(ctx)  # in reverse order
 
     # second task: its start, and what it trains on
     ctx.task_index = 1
     seed_everything(task_seed(cfg.seed, 1))
-    call(strategies, "on_task_start", ctx)
+    strategies.use_task(ctx.task.name)
+    strategies.on_task_start(ctx)
     case.task_examples = ctx.train_examples(ctx.task.name)
     t = time.perf_counter()
-    case.examples = chain(case.task_examples)
+    case.examples = strategies.train_examples(ctx, case.task_examples)
     case.train_examples_s = time.perf_counter() - t
 
     by_name = {s.name: s for s in strategies}
     if base_names == ["sequential"]:
-        baseline = build_strategies([StrategySpec("sequential")])
+        baseline = Strategies(build_strategies([StrategySpec("sequential")]))
     else:  # the strategies of the composition that are the baseline (lora, already wrapping the model)
-        baseline = [by_name[n] for n in base_names]
+        baseline = Strategies([by_name[n] for n in base_names])
     case.ctx, case.strategies = ctx, strategies
-    case.hooks, case.baseline_hooks = _step_hooks(ctx, strategies), _step_hooks(ctx, baseline)
+    case.hooks, case.baseline_hooks = strategies.step_hooks(ctx), baseline.step_hooks(ctx)
     case.init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return case
 
@@ -151,8 +151,8 @@ def timed_fit(case: Case, side: str, n_steps: int) -> tuple[float, float]:
     from accelerate import Accelerator
 
     from mmcl.config import TrainConfig
-    from mmcl.engine.loop import task_seed
     from mmcl.engine.train import fit
+    from mmcl.seeding import SEED_BATCH_ORDER, task_seed
 
     ctx = case.ctx
     cfg = TrainConfig(epochs=1000, max_steps=n_steps, batch_size=BATCH_SIZE, lr=1e-3, warmup_ratio=0.03)
@@ -161,7 +161,7 @@ def timed_fit(case: Case, side: str, n_steps: int) -> tuple[float, float]:
     examples = case.task_examples if side == "base" else case.examples
     hooks = case.hooks if side == "strat" else case.baseline_hooks
     c = time.process_time()
-    res = fit(ctx.model, examples, ctx.collator(), cfg, accelerator, seed=task_seed(ctx.seed, 1, purpose=1),
+    res = fit(ctx.model, examples, ctx.collator(), cfg, accelerator, seed=task_seed(ctx.seed, 1, SEED_BATCH_ORDER),
               hooks=hooks, label=f"bench {case.name}", progress=False)
     dc = time.process_time() - c
     assert res.steps == n_steps and res.skipped_steps == 0, res
@@ -188,15 +188,15 @@ def timed_epoch(case: Case) -> tuple[float, float]:
     from accelerate import Accelerator
 
     from mmcl.config import TrainConfig
-    from mmcl.engine.loop import task_seed
     from mmcl.engine.train import fit
+    from mmcl.seeding import SEED_BATCH_ORDER, task_seed
 
     ctx = case.ctx
     cfg = TrainConfig(epochs=1, batch_size=BATCH_SIZE, lr=1e-3, warmup_ratio=0.03)
     _reset(case)
     accelerator = Accelerator(cpu=ctx.device.type == "cpu", mixed_precision="no")
     t, c = time.perf_counter(), time.process_time()
-    fit(ctx.model, case.task_examples, ctx.collator(), cfg, accelerator, seed=task_seed(ctx.seed, 1, purpose=1),
+    fit(ctx.model, case.task_examples, ctx.collator(), cfg, accelerator, seed=task_seed(ctx.seed, 1, SEED_BATCH_ORDER),
         hooks=case.baseline_hooks, label=f"bench {case.name} epoch", progress=False)
     return time.perf_counter() - t, time.process_time() - c
 
@@ -204,13 +204,13 @@ def timed_epoch(case: Case) -> tuple[float, float]:
 def _shapes(case: Case, n_steps: int) -> dict:
     """Padded tokens per step of the timed steps on each side (the collator pads each batch to its longest)."""
     from mmcl.config import TrainConfig
-    from mmcl.engine.loop import task_seed
     from mmcl.engine.train import global_batches
+    from mmcl.seeding import SEED_BATCH_ORDER, task_seed
 
     cfg = TrainConfig(epochs=1000, max_steps=n_steps, batch_size=BATCH_SIZE)
     out = {}
     for key, examples in (("task", case.task_examples), ("strategy", case.examples)):
-        plan = global_batches(len(examples), cfg, task_seed(case.ctx.seed, 1, purpose=1))
+        plan = global_batches(len(examples), cfg, task_seed(case.ctx.seed, 1, SEED_BATCH_ORDER))
         padded = [len(b) * max(len(examples[i].input_ids) for i in b) for b in plan]
         real = [sum(len(examples[i].input_ids) for i in b) for b in plan]
         out[f"{key}_padded_tokens_per_step"] = statistics.mean(padded)

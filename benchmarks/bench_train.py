@@ -28,8 +28,8 @@ TASK = "color_qa"
 
 def bare_loop(model, examples, collator, cfg, plan, device, dtype) -> list[float]:
     """The reference: what a user would write by hand, one host sync at the end."""
-    from mmcl.data.batching import move_batch
-    from mmcl.engine.train import lr_lambda, token_cross_entropy_sum
+    from mmcl.engine.train import lr_lambda
+    from mmcl.models.losses import token_cross_entropy_sum
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -38,10 +38,10 @@ def bare_loop(model, examples, collator, cfg, plan, device, dtype) -> list[float
     model.train()
     losses = []
     for idx in plan:
-        batch = move_batch(collator([examples[i] for i in idx]), device, dtype)
-        labels = batch["labels"]
+        batch = collator([examples[i] for i in idx]).to(device, dtype)
+        labels = batch.labels
         n_tokens = (labels[:, 1:] != -100).sum().clamp(min=1)
-        out = model(batch["input_ids"], batch["attention_mask"], batch["media"])
+        out = model(batch.input_ids, batch.attention_mask, **model.media_inputs(batch.media, batch.input_ids))
         loss = token_cross_entropy_sum(out.logits, labels) / n_tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -57,20 +57,20 @@ def run(quick: bool = False) -> dict:
 
     from mmcl.config import ModelConfig, TrainConfig
     from mmcl.data.batching import Collator, encode_records
-    from mmcl.engine.loop import set_trainable
+    from mmcl.engine.setup import set_trainable
     from mmcl.engine.train import fit, global_batches
 
     rounds, steps, warm_steps = (4, 10, 5) if quick else (12, 25, 10)
     world, model_path = benchutil.world_and_model_paths()
-    model, tokenizer, fmt, media = benchutil.load(model_path)
+    model, processor, media = benchutil.load(model_path)
     # the engine's default trained parts: projectors (of the stream's modality, image) + language model
     set_trainable(model, ModelConfig().train, {"image"})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     dtype = next(model.parameters()).dtype
     _, recs = benchutil.records(world, TASK, "train")
-    examples = encode_records(recs, fmt, TASK)
-    collator = Collator(tokenizer.pad_token_id, media)
+    examples = encode_records(recs, processor, TASK)
+    collator = Collator(processor, media)
     seed = 1234
 
     def config(n_steps: int) -> TrainConfig:

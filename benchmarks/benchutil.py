@@ -23,15 +23,13 @@ def world_and_model_paths() -> tuple[Path, Path]:
 
 
 def load(model_path: Path):
-    """(model, tokenizer, fmt, media loader) for the tiny model, float32, on the CPU."""
+    """(model, processor, media loader) for the tiny model, float32, on the CPU, loaded as a run loads it
+    (`load_backend`); the processor holds the tokenizer (`processor.tokenizer`)."""
     from mmcl.data.batching import MediaLoader
-    from mmcl.models.builder import conversation_format, load_image, load_model
+    from mmcl.models.loading import load_backend
 
-    model, tokenizer = load_model(model_path, dtype=torch.float32)
-    fmt = conversation_format(model, tokenizer)
-    media = MediaLoader(model.modalities)
-    media.register("image", load_image)
-    return model, tokenizer, fmt, media
+    model, processor = load_backend(model_path, dtype=torch.float32)
+    return model, processor, MediaLoader(processor)
 
 
 def records(world: Path, task_name: str, split: str):

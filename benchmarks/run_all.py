@@ -173,10 +173,11 @@ def render_strategies(r: dict) -> list[str]:
         "## Strategy overheads (continual-learning strategies vs sequential fine-tuning)",
         "",
         f"Built-in `image` stream, first two tasks: each strategy is set up as the engine does it (`RunConfig` →"
-        f" `set_trainable` with the default parts → `Context` → `prepare_model`), trains {r['first_task_steps']} steps"
-        f" of `{t1}` and runs its `on_task_end` (importance and anchor, teacher, replay memory, EMA swap), then"
-        f" `on_task_start` of `{t2}`; the steps of `{t2}` are timed through `fit` with the strategy's `StepHooks`"
-        " (`loop._step_hooks`) against the same steps from the same weights with the baseline's hooks. Global batch"
+        f" `build_context`: `set_trainable` with the default parts → `Context` → `prepare_model`), trains"
+        f" {r['first_task_steps']} steps of `{t1}` and runs its `on_task_end` (importance and anchor, teacher, replay"
+        f" memory, EMA swap), then `on_task_start` of `{t2}`; the steps of `{t2}` are timed through `fit` with the"
+        " strategy's `StepHooks` (`Strategies.step_hooks`) against the same steps from the same weights with the"
+        " baseline's hooks. Global batch"
         f" {r['batch_size']}, {r['parameters']:,} parameters, device `{r['device']}`. Warm-up once, then {r['rounds']}"
         f" rounds of {r['steps_per_round']} steps per side, the two sides of a pair back to back in alternating order;"
         " the goal is judged on the median of the per-round paired ratios (seconds per step of `fit`'s training loop).",

@@ -45,7 +45,7 @@ def micro_world() -> Path:
 def micro_model(micro_world) -> Path:
     """A micro base model pre-trained on the micro world by the real `pretrain` (a couple of epochs)."""
     from mmcl.config import TrainConfig
-    from mmcl.models.builder import TinySizes
+    from mmcl.models.tiny import TinySizes
     from mmcl.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(

@@ -56,7 +56,7 @@ class Probe(Strategy):
         self._maybe_fail("on_task_start", ctx)
 
     def transform_batch(self, ctx, batch: dict) -> dict:
-        self.seen.append([ctx.task_index, list(batch["ids"])])
+        self.seen.append([ctx.task_index, list(batch.ids)])
         step = self._step(ctx)
         if self.plan.get("snapshot"):
             weights = {n: p.detach().clone() for n, p in ctx.trainable_parameters()}

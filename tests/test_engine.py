@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmcl.engine.setup import build_context
+from mmcl.seeding import hold_out
 from mmcl.cli import main
 from mmcl.config import ConfigError, load_config
 from mmcl.engine import checkpoint as ck
@@ -191,7 +193,10 @@ def test_stream_runs_from_a_saved_llava_checkpoint(micro_overrides, micro_model,
     tok.save_pretrained(llava_dir)
     before = {p.name: p.read_bytes() for p in llava_dir.iterdir()}
 
-    run_dir = run(load_config(None, micro_overrides("from-llava", tasks=1) + [f"model.path={llava_dir}"]),
+    # mapped onto the composition (no processor files needed: the mapping reads the tower's own image size); the
+    # native LLaVA backend runs in tests/test_backend_runs.py
+    run_dir = run(load_config(None, micro_overrides("from-llava", tasks=1) + [f"model.path={llava_dir}",
+                                                                           "model.backend=composition"]),
                   progress=False, log=lambda *a: None)
     matrix = json.loads((run_dir / "matrix.json").read_text())
     assert [r["after"] for r in matrix["rows"]] == [None, "color_qa"]
@@ -201,6 +206,7 @@ def test_stream_runs_from_a_saved_llava_checkpoint(micro_overrides, micro_model,
 
     with pytest.raises(ConfigError, match="inside the base model's directory"):
         run(load_config(None, micro_overrides("inside", tasks=1) + [f"model.path={llava_dir}",
+                                                                     "model.backend=composition",
                                                                      f"output_dir={llava_dir / 'runs'}"]),
             progress=False, log=lambda *a: None)
 
@@ -261,11 +267,11 @@ def test_demo_runs_both_strategies_and_prints_where_the_reports_are(stream, stra
 
 def test_hold_out_is_seeded_disjoint_and_keeps_file_order() -> None:
     records = list(range(20))
-    train, val = loop.hold_out(records, 0.25, seed=7)
+    train, val = hold_out(records, 0.25, seed=7)
     assert len(val) == 5 and sorted(train + val) == records and not set(train) & set(val)
     assert train == sorted(train) and val == sorted(val)
-    assert loop.hold_out(records, 0.25, seed=7) == (train, val) and loop.hold_out(records, 0.25, seed=8)[1] != val
-    assert [len(v) for _, v in (loop.hold_out(records[:3], 0.01, 0), loop.hold_out(records[:3], 0.99, 0))] == [1, 2]
+    assert hold_out(records, 0.25, seed=7) == (train, val) and hold_out(records, 0.25, seed=8)[1] != val
+    assert [len(v) for _, v in (hold_out(records[:3], 0.01, 0), hold_out(records[:3], 0.99, 0))] == [1, 2]
 
 
 def test_early_stopping_validation_records(micro_overrides, micro_world, tmp_path):
@@ -279,13 +285,13 @@ def test_early_stopping_validation_records(micro_overrides, micro_world, tmp_pat
     stream = tmp_path / "val.yaml"
     stream.write_text(json.dumps({"name": "v", "tasks": [str(task_dir), str(micro_world / "tasks" / "shape_cls")]}))
     base = micro_overrides("es-records", tasks=2) + [f"data.stream={stream}"]
-    ctx, _, _ = loop.build_context(load_config(None, base + ["train.early_stopping_patience=2",
+    ctx, _, _ = build_context(load_config(None, base + ["train.early_stopping_patience=2",
                                                              "train.val_fraction=0.25"]), log=lambda *a: None)
     own, held = ctx.records["color_qa"], ctx.records["shape_cls"]
     assert [r.id for r in own["val"]] == [r.id for r in own["test"]] and len(own["train"]) == 24
     assert (len(held["train"]), len(held["val"])) == (18, 6)
     assert not {r.id for r in held["train"]} & {r.id for r in held["val"]}
-    off, _, _ = loop.build_context(load_config(None, base), log=lambda *a: None)
+    off, _, _ = build_context(load_config(None, base), log=lambda *a: None)
     assert "val" not in off.records["shape_cls"] and len(off.records["shape_cls"]["train"]) == 24
 
 

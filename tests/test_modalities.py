@@ -17,7 +17,8 @@ import torch
 import yaml
 from PIL import Image
 
-from mmcl.data.batching import Collator, encode_records
+from mmcl.data.batching import Collator, Example, MediaLoader, encode_records
+from mmcl.data.media import frame_indices
 from mmcl.data.records import check_media_file, load_stream, load_task, read_records
 from mmcl.data.synth import WorldSizes, world_texts, write_world
 from mmcl.data.synth.clips import clip_bytes
@@ -26,21 +27,10 @@ from mmcl.data.synth.sounds import beeps
 from mmcl.config import load_config
 from mmcl.engine import loop
 from mmcl.eval.generate import generate_answers
-from mmcl.models.builder import (
-    TinySizes,
-    assemble_model,
-    audio_features,
-    build_tiny,
-    check_num_tokens,
-    conversation_format,
-    frame_indices,
-    load_audio,
-    load_model,
-    load_video,
-    media_loader,
-    save_model,
-)
+from mmcl.models.builder import assemble_model, check_num_tokens, load_model, save_model
+from mmcl.models.composition import audio_features, composition_processor, load_audio, load_video
 from mmcl.models.mllm import P4_CUES, ModalitySpec, P4Adapter, pool_tokens
+from mmcl.models.tiny import TinySizes, build_tiny
 from mmcl.models.tokenizer import train_bpe_tokenizer
 
 SIZES = TinySizes(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32, vision_layers=1, audio_hidden=32,
@@ -237,13 +227,17 @@ def test_tiny_model_with_p4_adapters_trains_and_round_trips(tokenizer, world, tm
     assert {m: s.cue for m, s in model.modalities.items()} == P4_CUES
     assert model.projectors["image"].conv_pool is None and isinstance(model.projectors["video"].conv_pool,
                                                                        torch.nn.Conv2d)
-    fmt = conversation_format(model, tokenizer)
-    batch = Collator(tokenizer.pad_token_id, media_loader(model))(encode_records(_mixed_records(world), fmt, "mix"))
-    cue = fmt.cue_ids["video"]  # the cue's tokens come right before the video's placeholders
-    row = batch["input_ids"][2].tolist()
+    processor = composition_processor(model, tokenizer)
+    records = _mixed_records(world)
+    batch = Collator(processor, MediaLoader(processor))(encode_records(records, processor, "mix"))
+    cue = tokenizer(P4_CUES["video"], add_special_tokens=False)["input_ids"]
+    video_tokens = processor.load_media("video", records[2].media["video"]).tokens  # what the collator writes
+    assert video_tokens == cue + [model.token_ids["video"]] * model.modalities["video"].num_tokens
+    row = batch.input_ids[2].tolist()  # the cue's tokens come right before the video's placeholders
     first = row.index(model.token_ids["video"])
     assert cue and row[first - len(cue):first] == cue
-    out = model.train()(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
+    out = model.train()(batch.input_ids, batch.attention_mask, **model.media_inputs(batch.media, batch.input_ids),
+                        labels=batch.labels)
     out.loss.backward()
     for m in ("image", "audio", "video"):
         for name, prm in model.projectors[m].named_parameters():
@@ -325,21 +319,23 @@ def _mixed_records(world: Path) -> list:
 
 def test_mixed_batch_forward_backward_and_generate(tokenizer, world) -> None:
     model = build_tiny(tokenizer, SIZES, seed=1)
-    fmt = conversation_format(model, tokenizer)
-    media = media_loader(model)
+    processor = composition_processor(model, tokenizer)
+    media = MediaLoader(processor)
     records = _mixed_records(world)
     assert [sorted(r.media) for r in records] == [["image"], ["audio"], ["video"], []]
-    examples = encode_records(records, fmt, "mix")
-    batch = Collator(tokenizer.pad_token_id, media)(examples)
-    assert {m: tuple(v.shape) for m, v in batch["media"].items()} == {
+    examples = encode_records(records, processor, "mix")
+    batch = Collator(processor, media)(examples)
+    assert [sorted(row) for row in batch.media] == [["image"], ["audio"], ["video"], []]
+    inputs = model.media_inputs(batch.media, batch.input_ids)
+    assert {m: tuple(v.shape) for m, v in inputs["media"].items()} == {
         "image": (1, 3, 32, 32), "audio": (1, 80, 100), "video": (1, 4, 3, 32, 32)}
     for row, (modality, n) in enumerate([("image", 16), ("audio", 10), ("video", 16), (None, 0)]):
-        ids = batch["input_ids"][row]
+        ids = batch.input_ids[row]
         for m, tid in model.token_ids.items():
             assert int((ids == tid).sum()) == (n if m == modality else 0), (row, m)
 
     model.train()
-    out = model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
+    out = model(batch.input_ids, batch.attention_mask, **inputs, labels=batch.labels)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     for part in ("projectors.image", "projectors.audio", "projectors.video", "encoders.image", "encoders.audio",
@@ -350,10 +346,11 @@ def test_mixed_batch_forward_backward_and_generate(tokenizer, world) -> None:
 
     # each row's media reaches that row only
     model.eval()
-    other = dict(batch["media"], audio=torch.zeros_like(batch["media"]["audio"]))
+    other = [dict(row, audio={"values": torch.zeros_like(row["audio"]["values"])}) if "audio" in row else row
+             for row in batch.media]
     with torch.no_grad():
-        a = model(batch["input_ids"], batch["attention_mask"], batch["media"]).logits
-        b = model(batch["input_ids"], batch["attention_mask"], other).logits
+        a = model(batch.input_ids, batch.attention_mask, **model.media_inputs(batch.media, batch.input_ids)).logits
+        b = model(batch.input_ids, batch.attention_mask, **model.media_inputs(other, batch.input_ids)).logits
     changed = [(a[i] - b[i]).abs().max().item() > 1e-6 for i in range(4)]
     assert changed == [False, True, False, False]
 
@@ -362,22 +359,28 @@ def test_mixed_batch_forward_backward_and_generate(tokenizer, world) -> None:
     with torch.no_grad():
         for p in model.language_model.parameters():
             p.normal_(0.0, 0.5)
-    left = Collator(tokenizer.pad_token_id, media, left_pad=True)
-    args = (model, fmt, left, records, "mix", 5)
+    left = Collator(processor, media, left_pad=True)
+    args = (model, processor, left, records, "mix", 5)
     one_by_one = generate_answers(*args, 1, torch.device("cpu"), torch.float32)
     batched = generate_answers(*args, 4, torch.device("cpu"), torch.float32)
     assert batched == one_by_one
     assert all(len(a) >= 3 for a in one_by_one), one_by_one
 
 
-def test_media_loader_has_a_decoder_for_every_modality(tiny, world) -> None:
-    media = media_loader(tiny)
+def test_media_loader_has_a_decoder_for_every_modality(tiny, tokenizer, world) -> None:
+    media = MediaLoader(composition_processor(tiny, tokenizer))
     rec = _mixed_records(world)
-    assert tuple(media("image", rec[0].media["image"]).shape) == (3, 32, 32)
-    assert tuple(media("audio", rec[1].media["audio"]).shape) == (80, 100)
-    assert tuple(media("video", rec[2].media["video"]).shape) == (4, 3, 32, 32)
-    image_only = media_loader(build_tiny(train_bpe_tokenizer(["a b"], 300), SIZES, modalities=("image",)))
-    with pytest.raises(ValueError, match=r"the model has no 'audio' encoder \(it reads \['image'\]\)"):
+    image, audio, video = (media(m, rec[i].media[m]) for i, m in enumerate(("image", "audio", "video")))
+    assert tuple(image.inputs["values"].shape) == (3, 32, 32)
+    assert tuple(audio.inputs["values"].shape) == (80, 100)
+    assert tuple(video.inputs["values"].shape) == (4, 3, 32, 32)
+    # each item stands for its modality's num_tokens placeholders in the text (no cue for LLaVA-style adapters)
+    assert image.tokens == [tiny.token_ids["image"]] * 16
+    assert audio.tokens == [tiny.token_ids["audio"]] * 10
+    assert video.tokens == [tiny.token_ids["video"]] * 16
+    small = train_bpe_tokenizer(["a b"], 300)
+    image_only = MediaLoader(composition_processor(build_tiny(small, SIZES, modalities=("image",)), small))
+    with pytest.raises(ValueError, match=r"the model reads \['image'\], not 'audio'; needed for "):
         image_only("audio", rec[1].media["audio"])
 
 
@@ -385,10 +388,11 @@ def test_media_loader_has_a_decoder_for_every_modality(tiny, world) -> None:
 
 
 def _logits(model, tokenizer, world) -> torch.Tensor:
-    fmt = conversation_format(model, tokenizer)
-    batch = Collator(tokenizer.pad_token_id, media_loader(model))(encode_records(_mixed_records(world), fmt, "m"))
+    processor = composition_processor(model, tokenizer)
+    batch = Collator(processor, MediaLoader(processor))(encode_records(_mixed_records(world), processor, "m"))
     with torch.no_grad():
-        return model.eval()(batch["input_ids"], batch["attention_mask"], batch["media"]).logits
+        return model.eval()(batch.input_ids, batch.attention_mask,
+                            **model.media_inputs(batch.media, batch.input_ids)).logits
 
 
 def test_model_dir_with_audio_and_video_round_trips(tiny, tokenizer, world, tmp_path: Path) -> None:
@@ -417,11 +421,11 @@ def test_model_dir_of_the_first_format_still_loads(tokenizer, world, tmp_path: P
     loaded, _ = load_model(tmp_path / "old")
     assert loaded.modalities == model.modalities
     rec = _mixed_records(world)[0]
-    fmt = conversation_format(model, tokenizer)
-    batch = Collator(tokenizer.pad_token_id, media_loader(model))(encode_records([rec], fmt, "m"))
+    processor = composition_processor(model, tokenizer)
+    batch = Collator(processor, MediaLoader(processor))(encode_records([rec], processor, "m"))
     with torch.no_grad():
-        assert torch.equal(model(batch["input_ids"], media=batch["media"]).logits,
-                           loaded.eval()(batch["input_ids"], media=batch["media"]).logits)
+        assert torch.equal(model(batch.input_ids, **model.media_inputs(batch.media, batch.input_ids)).logits,
+                           loaded.eval()(batch.input_ids, **loaded.media_inputs(batch.media, batch.input_ids)).logits)
 
 
 def test_an_unknown_encoder_class_is_refused(tiny, tokenizer, tmp_path: Path) -> None:
@@ -479,10 +483,16 @@ def test_assemble_model_from_separately_saved_towers(tokenizer, world, tmp_path:
     assert model.encoder_for("video") is model.encoders["image"]
     assert model.language_model.get_input_embeddings().num_embeddings == len(tok)
 
-    fmt = conversation_format(model, tok)
+    processor = composition_processor(model, tok)
     conv = [{"from": "human", "value": "<audio>\nHow many beeps are there?"}, {"from": "gpt", "value": "2"}]
-    ids, _ = fmt.encode(conv)
+    ids, labels = processor.encode(conv)
+    assert ids.count(model.token_ids["audio"]) == 1  # one placeholder in the text; the collator expands it
+    wav = tmp_path / "beeps.wav"
+    soundfile.write(wav, _sine(1000.0, 1.0, 16000), 16000)
     cue = tok(" audio: ", add_special_tokens=False)["input_ids"]
+    assert processor.load_media("audio", wav).tokens == cue + [model.token_ids["audio"]] * 10
+    batch = Collator(processor, MediaLoader(processor))([Example("a", ids, labels, {"audio": wav}, "t")])
+    ids = batch.input_ids[0].tolist()
     start = ids.index(model.token_ids["audio"])
     assert ids[start - len(cue) : start + 10] == cue + [model.token_ids["audio"]] * 10
 

@@ -10,17 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcl.data.batching import Collator, MediaLoader, encode_records
+from mmcl.data.batching import Collator, Example, MediaLoader, encode_records
 from mmcl.data.records import Record, load_task, read_records
 from mmcl.eval.generate import generate_answers
-from mmcl.models.builder import (
-    TinySizes,
-    build_tiny,
-    conversation_format,
-    load_image,
-    load_model,
-    save_model,
-)
+from mmcl.models.base import ModelLoadError
+from mmcl.models.builder import load_model, save_model
+from mmcl.models.composition import CompositionProcessor, composition_processor
+from mmcl.models.loading import load_backend
+from mmcl.models.mllm import ModalitySpec
+from mmcl.models.tiny import TinySizes, build_tiny
 from mmcl.models.tokenizer import ConversationFormat, train_bpe_tokenizer
 
 SIZES = TinySizes(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32, vision_layers=1)
@@ -45,7 +43,21 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
     model = build_tiny(tokenizer, SIZES, seed=0).eval()
-    return model, conversation_format(model, tokenizer)
+    return model, composition_processor(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "img.png"
+    Image.new("RGB", (20, 28), (200, 30, 60)).save(path)
+    return path
+
+
+def _collate(processor, ids: list[int], labels: list[int], media: dict[str, Path],
+             left_pad: bool = False) -> tuple[list[int], list[int]]:
+    """One encoded row through the collator: each placeholder expanded into its item's tokens (what the model sees)."""
+    batch = Collator(processor, MediaLoader(processor), left_pad=left_pad)([Example("r", ids, labels, media, "t")])
+    return batch.input_ids[0].tolist(), batch.labels[0].tolist()
 
 
 def _t(tokenizer, text: str) -> list[int]:
@@ -59,35 +71,41 @@ def _conv(*turns: str) -> list[dict]:
 # -- the conversation format ------------------------------------------------------------------------------------------
 
 
-def test_generation_prompt_is_an_exact_prefix_of_the_training_sequence(tokenizer, tiny) -> None:
-    _, fmt = tiny
+def test_generation_prompt_is_an_exact_prefix_of_the_training_sequence(tokenizer, tiny, image_file) -> None:
+    _, processor = tiny
     conv = _conv("<image>\nWhat colour is the shape?", "red")
-    prompt, prompt_labels = fmt.encode(conv, for_generation=True)
-    ids, labels = fmt.encode(conv)
     img = tokenizer.convert_tokens_to_ids("<image>")
-    expected_prompt = (
-        [tokenizer.bos_token_id]
-        + _t(tokenizer, "USER: ")
-        + [img] * N_IMAGE
-        + _t(tokenizer, "\nWhat colour is the shape?")
-        + _t(tokenizer, "\nASSISTANT:")
-    )
-    assert prompt == expected_prompt
-    assert prompt_labels == [-100] * len(prompt)
-    assert ids[: len(prompt)] == prompt
+    assert processor.placeholder_id("image") == img
     answer = _t(tokenizer, " red") + [tokenizer.eos_token_id]
     newline = _t(tokenizer, "\n")
-    assert ids[len(prompt) :] == answer + newline
-    # labels: -100 everywhere except the answer tokens and their eos
-    assert labels == [-100] * len(prompt) + answer + [-100] * len(newline)
-    assert tokenizer.decode(ids[len(prompt) : len(prompt) + len(answer) - 1]) == " red"
+    # the processor writes ONE placeholder per item; the collator expands it into the item's N_IMAGE tokens
+    for n, expand in ((1, False), (N_IMAGE, True)):
+        prompt, prompt_labels = processor.encode(conv, for_generation=True)
+        ids, labels = processor.encode(conv)
+        if expand:
+            prompt, prompt_labels = _collate(processor, prompt, prompt_labels, {"image": image_file}, left_pad=True)
+            ids, labels = _collate(processor, ids, labels, {"image": image_file})
+        expected_prompt = (
+            [tokenizer.bos_token_id]
+            + _t(tokenizer, "USER: ")
+            + [img] * n
+            + _t(tokenizer, "\nWhat colour is the shape?")
+            + _t(tokenizer, "\nASSISTANT:")
+        )
+        assert prompt == expected_prompt, n
+        assert prompt_labels == [-100] * len(prompt)
+        assert ids[: len(prompt)] == prompt
+        assert ids[len(prompt) :] == answer + newline
+        # labels: -100 everywhere except the answer tokens and their eos
+        assert labels == [-100] * len(prompt) + answer + [-100] * len(newline)
+        assert tokenizer.decode(ids[len(prompt) : len(prompt) + len(answer) - 1]) == " red"
 
 
 def test_multi_turn_labels_cover_every_answer(tokenizer, tiny) -> None:
-    _, fmt = tiny
+    _, processor = tiny
     conv = _conv("<image>\nWhat colour is the shape?", "red", "How many shapes are there?", " three ")
-    ids, labels = fmt.encode(conv)
-    prompt, _ = fmt.encode(conv, for_generation=True)
+    ids, labels = processor.encode(conv)
+    prompt, _ = processor.encode(conv, for_generation=True)
     assert ids[: len(prompt)] == prompt
     eos = tokenizer.eos_token_id
     supervised = [i for i, lab in zip(ids, labels) if lab != -100]
@@ -99,8 +117,8 @@ def test_multi_turn_labels_cover_every_answer(tokenizer, tiny) -> None:
 
 
 def test_a_trailing_human_turn_becomes_the_prompt(tokenizer, tiny) -> None:
-    _, fmt = tiny
-    prompt, labels = fmt.encode(_conv("What colour is the shape?"), for_generation=True)
+    _, processor = tiny
+    prompt, labels = processor.encode(_conv("What colour is the shape?"), for_generation=True)
     assert prompt == (
         [tokenizer.bos_token_id]
         + _t(tokenizer, "USER: ")
@@ -110,7 +128,7 @@ def test_a_trailing_human_turn_becomes_the_prompt(tokenizer, tiny) -> None:
     assert labels == [-100] * len(prompt)
 
 
-def test_image_placeholder_expands_to_num_tokens(tokenizer) -> None:
+def test_image_placeholder_expands_to_num_tokens(tokenizer, image_file) -> None:
     img = tokenizer.convert_tokens_to_ids("<image>")
     for n in (1, 5, 16):
         fmt = ConversationFormat(tokenizer, {"image": n}, {})
@@ -118,24 +136,40 @@ def test_image_placeholder_expands_to_num_tokens(tokenizer) -> None:
         assert ids.count(img) == n
         start = ids.index(img)
         assert ids[start : start + n] == [img] * n  # one contiguous run
+        # the composition's processor: one placeholder in the text, expanded to num_tokens by the collator
+        processor = CompositionProcessor(tokenizer, {"image": ModalitySpec("<image>", n)})
+        one, one_labels = processor.encode(_conv("Look: <image> now", "ok"))
+        assert one.count(img) == 1
+        assert processor.load_media("image", image_file).tokens == [img] * n
+        ids, _ = _collate(processor, one, one_labels, {"image": image_file})
+        assert ids.count(img) == n
+        start = ids.index(img)
+        assert ids[start : start + n] == [img] * n  # one contiguous run
 
 
-def test_modality_cue_goes_right_before_the_features(tokenizer) -> None:
+def test_modality_cue_goes_right_before_the_features(tokenizer, image_file) -> None:
     img = tokenizer.convert_tokens_to_ids("<image>")
     cued = ConversationFormat(tokenizer, {"image": 3}, {"image": "red"})
     ids, _ = cued.encode(_conv("<image>", "ok"))
     start = ids.index(img)
     cue = _t(tokenizer, "red")
     assert ids[start - len(cue) : start + 3] == cue + [img] * 3
+    # the composition's processor: the cue is part of the item's tokens, which the collator puts at the placeholder
+    processor = CompositionProcessor(tokenizer, {"image": ModalitySpec("<image>", 3, cue="red")})
+    assert processor.load_media("image", image_file).tokens == cue + [img] * 3
+    ids, _ = _collate(processor, *processor.encode(_conv("<image>", "ok")), {"image": image_file})
+    start = ids.index(img)
+    assert ids[start - len(cue) : start + 3] == cue + [img] * 3
 
 
 def test_decode_answer_stops_at_eos(tokenizer, tiny) -> None:
-    _, fmt = tiny
+    _, processor = tiny
     eos = tokenizer.eos_token_id
-    assert fmt.decode_answer(_t(tokenizer, " red square") + [eos] + _t(tokenizer, " blue")) == "red square"
-    assert fmt.decode_answer(_t(tokenizer, " red square")) == "red square"
-    assert fmt.decode_answer([eos] + _t(tokenizer, " blue")) == ""
-    assert fmt.decode_answer(_t(tokenizer, " three") + [tokenizer.pad_token_id, eos]) == "three"
+    assert processor.eos_ids == [eos]
+    assert processor.decode_answer(_t(tokenizer, " red square") + [eos] + _t(tokenizer, " blue")) == "red square"
+    assert processor.decode_answer(_t(tokenizer, " red square")) == "red square"
+    assert processor.decode_answer([eos] + _t(tokenizer, " blue")) == ""
+    assert processor.decode_answer(_t(tokenizer, " three") + [tokenizer.pad_token_id, eos]) == "three"
 
 
 # -- the composition ----------------------------------------------------------------------------------------------
@@ -189,7 +223,7 @@ def _mixed_records(world: Path) -> list[Record]:
 
 @pytest.fixture(scope="module")
 def wide(micro_world: Path):
-    """(model, format, media loader, records of different lengths, tokenizer) with random wide weights: the greedy
+    """(model, processor, media loader, records of different lengths, tokenizer) with random wide weights: the greedy
     text is long, varied and sensitive to every position, which a trained micro model (it answers blanks after a
     few steps of pre-training) is not."""
     from mmcl.data.synth import world_texts
@@ -201,32 +235,34 @@ def wide(micro_world: Path):
     with torch.no_grad():
         for p in model.language_model.parameters():
             p.normal_(0.0, 0.5)
-    fmt = conversation_format(model, tokenizer)
-    media = MediaLoader(model.modalities)
-    media.register("image", load_image)
+    processor = composition_processor(model, tokenizer)
+    media = MediaLoader(processor)
     records = _mixed_records(micro_world)
-    lengths = [len(e.input_ids) for e in encode_records(records, fmt, "mix", for_generation=True)]
+    # prompt lengths as the model sees them: each placeholder expanded into its item's tokens by the collator
+    expand = Collator(processor, media, left_pad=True).expand
+    lengths = [len(expand(e)[0]) for e in encode_records(records, processor, "mix", for_generation=True)]
     assert len(set(lengths)) == len(records) == 6
     assert sum(bool(r.media) for r in records) == 4
-    return model, fmt, media, records, tokenizer
+    return model, processor, media, records, tokenizer
 
 
 def _answers(wide, collator: Collator, batch_size: int, **decoding) -> list[str]:
-    model, fmt, _, records, _ = wide
-    return generate_answers(model, fmt, collator, records, "mix", 5, batch_size, torch.device("cpu"), torch.float32,
-                            **decoding)
+    model, processor, _, records, _ = wide
+    return generate_answers(model, processor, collator, records, "mix", 5, batch_size, torch.device("cpu"),
+                            torch.float32, **decoding)
 
 
 def test_left_padded_batched_generation_equals_one_at_a_time(wide) -> None:
-    _, _, media, records, tokenizer = wide
-    left = Collator(tokenizer.pad_token_id, media, left_pad=True)
+    _, processor, media, records, tokenizer = wide
+    assert processor.pad_id == tokenizer.pad_token_id
+    left = Collator(processor, media, left_pad=True)
     one_by_one = _answers(wide, left, 1)
     batched = _answers(wide, left, len(records))
     assert all(len(a) >= 3 for a in one_by_one), one_by_one
     assert len(set(one_by_one)) >= 3, one_by_one
     assert batched == one_by_one
     # negative control: right padding puts pads between prompt and answer, and the comparison sees it
-    right = Collator(tokenizer.pad_token_id, media, left_pad=False)
+    right = Collator(processor, media, left_pad=False)
     assert _answers(wide, right, len(records)) != one_by_one
     # beam search (eval.num_beams) batches the same way
     beams = _answers(wide, left, 1, num_beams=3)
@@ -237,39 +273,44 @@ def test_repetition_penalty_reaches_generation(wide) -> None:
     """eval.repetition_penalty reaches the model's generate. HF's penalty divides a positive logit of an
     already generated token by it (multiplies a negative one), so a penalty below 1 rewards repeating: the wide
     model then repeats more, and `generate_answers` gives exactly what a direct call with the penalty gives."""
-    model, fmt, media, records, tokenizer = wide
-    left = Collator(tokenizer.pad_token_id, media, left_pad=True)
-    batch = left(encode_records(records, fmt, "mix", for_generation=True))
+    model, processor, media, records, tokenizer = wide
+    assert (processor.pad_id, processor.eos_ids) == (tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    left = Collator(processor, media, left_pad=True)
+    batch = left(encode_records(records, processor, "mix", for_generation=True))
 
     def raw(**decoding) -> list[list[int]]:
         with torch.no_grad():
-            out = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=5,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=fmt.eos, **decoding)
-        return [[t for t in row if t not in (tokenizer.pad_token_id, fmt.eos)] for row in out.tolist()]
+            out = model.generate_new(batch.input_ids, batch.attention_mask, 5,
+                                     **model.media_inputs(batch.media, batch.input_ids),
+                                     pad_token_id=processor.pad_id, eos_token_id=processor.eos_ids, **decoding)
+        return [[t for t in row if t not in (processor.pad_id, *processor.eos_ids)] for row in out.tolist()]
 
     def repeats(rows: list[list[int]]) -> int:
         return sum(len(t) - len(set(t)) for t in rows)
 
     greedy, rewarded = raw(), raw(repetition_penalty=1e-4)
     assert repeats(rewarded) > repeats(greedy), (greedy, rewarded)
-    direct = [fmt.decode_answer(ids) for ids in rewarded]
+    direct = [processor.decode_answer(ids) for ids in rewarded]
     assert _answers(wide, left, len(records), repetition_penalty=1e-4) == direct != _answers(wide, left, len(records))
 
 
 # -- save / load ----------------------------------------------------------------------------------------------------
 
 
-def _image_batch(tokenizer, tmp_path: Path, spec) -> dict:
+def _image_batch(tokenizer, tmp_path: Path, processor) -> tuple[torch.Tensor, list[dict]]:
+    """(input_ids, per-row media) of one image row, the image decoded by the processor as the collator does."""
     path = tmp_path / "img.png"
     Image.new("RGB", (20, 28), (200, 30, 60)).save(path)
-    pixels = load_image(path, spec)
+    item = processor.load_media("image", path)
     img = tokenizer.convert_tokens_to_ids("<image>")
-    row = [tokenizer.bos_token_id] + [img] * spec.num_tokens + _t(tokenizer, "What colour is the shape?")
-    return {"input_ids": torch.tensor([row]), "media": {"image": pixels[None]}}
+    assert item.tokens == [img] * processor.specs["image"].num_tokens
+    assert tuple(item.inputs["values"].shape) == (3, 32, 32)
+    row = [tokenizer.bos_token_id] + item.tokens + _t(tokenizer, "What colour is the shape?")
+    return torch.tensor([row]), [{"image": item.inputs}]
 
 
 def test_save_load_round_trip_gives_identical_logits(tokenizer, tiny, tmp_path: Path) -> None:
-    model, _ = tiny
+    model, processor = tiny
     save_model(model, tokenizer, tmp_path / "m", extra={"note": "round trip"})
     index = json.loads((tmp_path / "m" / "mmcl_model.json").read_text())
     assert index["format"] == "mmcl-mllm"
@@ -285,12 +326,12 @@ def test_save_load_round_trip_gives_identical_logits(tokenizer, tiny, tmp_path: 
     assert tok2.get_vocab() == tokenizer.get_vocab()
     assert loaded.token_ids == model.token_ids
     assert loaded.modalities == model.modalities
-    batch = _image_batch(tokenizer, tmp_path, model.modalities["image"])
+    ids, media = _image_batch(tokenizer, tmp_path, processor)
     with torch.no_grad():
-        a = model(batch["input_ids"], media=batch["media"]).logits
-        b = loaded(batch["input_ids"], media=batch["media"]).logits
-        text_only = model(batch["input_ids"][:, -3:]).logits
-    assert a.shape == (1, batch["input_ids"].shape[1], len(tokenizer))
+        a = model(ids, **model.media_inputs(media, ids)).logits
+        b = loaded(ids, **loaded.media_inputs(media, ids)).logits
+        text_only = model(ids[:, -3:]).logits
+    assert a.shape == (1, ids.shape[1], len(tokenizer))
     assert torch.equal(a, b)
     assert not torch.equal(a[:, -3:], text_only)  # the image does reach the logits
 
@@ -423,5 +464,11 @@ def test_load_model_non_model_dir(tmp_path: Path) -> None:
 def test_load_model_unsupported_model_type(tmp_path: Path) -> None:
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match=r"config\.json: model_type 'bert' is not supported yet"):
+    # the composition loader maps only LLaVA; the entry point for any directory (load_backend) refuses what no
+    # backend reads, naming what is supported
+    with pytest.raises(ModelLoadError, match=r"config\.json: model_type 'bert' does not map onto the composition "
+                                             r"\(only 'llava' does\)"):
         load_model(tmp_path / "bert")
+    with pytest.raises(ModelLoadError,
+                       match=r"config\.json: model_type 'bert' is not supported; supported: mmcl(, |$)"):
+        load_backend(tmp_path / "bert")

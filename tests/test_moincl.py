@@ -12,11 +12,13 @@ import torch
 import yaml
 
 import mmcl.report
+from mmcl.seeding import seed_everything
+from mmcl.engine.setup import build_context
 from mmcl.config import ConfigError, load_config
 from mmcl.data.batching import Example
 from mmcl.data.records import Record
-from mmcl.engine import loop
-from mmcl.engine.train import token_cross_entropy_sum
+from mmcl.engine import loop, setup
+from mmcl.models.losses import token_cross_entropy_sum
 from mmcl.eval.generate import generate_answers
 from mmcl.strategies import build_strategies, get_strategy
 from mmcl.strategies.lwf import distillation_loss
@@ -54,8 +56,8 @@ def overrides(micro_world, micro_overrides, tmp_path):
 def make_ctx(overrides: list[str]):
     """The Context `loop.run` builds, without running anything."""
     cfg = load_config(None, overrides)
-    loop.seed_everything(cfg.seed)
-    ctx, _, _ = loop.build_context(cfg, log=QUIET["log"])
+    seed_everything(cfg.seed)
+    ctx, _, _ = build_context(cfg, log=QUIET["log"])
     ctx.task_index = 0
     return ctx
 
@@ -148,7 +150,7 @@ def test_pseudo_captions_on_a_qa_task_reach_the_loss(overrides):
     for e in extra:
         src = e.id.split(":", 1)[1]
         assert e.media == qa_media[src] and e.task == "color_qa"  # the current task's inputs
-        ids, labels = ctx.fmt.encode([{"from": "human", "value": caption_prompt}, {"from": "gpt", "value": ""}],
+        ids, labels = ctx.processor.encode([{"from": "human", "value": caption_prompt}, {"from": "gpt", "value": ""}],
                                      for_generation=True)
         assert e.input_ids[: len(ids)] == ids  # the caption prompt
         assert any(t != -100 for t in e.labels)
@@ -157,10 +159,10 @@ def test_pseudo_captions_on_a_qa_task_reach_the_loss(overrides):
         queries.append(Record(e.id, [{"from": "human", "value": caption_prompt}, {"from": "gpt", "value": ""}], [],
                               e.media, "test"))
     # the answer is the teacher's own greedy caption
-    answers = generate_answers(s.teacher, ctx.fmt, ctx.collator(left_pad=True), queries, "color_qa", 2, 8,
+    answers = generate_answers(s.teacher, ctx.processor, ctx.collator(left_pad=True), queries, "color_qa", 2, 8,
                                ctx.device, ctx.dtype)
     for e, a in zip(extra, answers):
-        want, _ = ctx.fmt.encode([queries[0].conversations[0], {"from": "gpt", "value": a}])
+        want, _ = ctx.processor.encode([queries[0].conversations[0], {"from": "gpt", "value": a}])
         assert e.input_ids == want
     # a batch with the pseudo rows has a different task loss than without, and the CE on them is > 0
     ctx.model.train()
@@ -168,11 +170,11 @@ def test_pseudo_captions_on_a_qa_task_reach_the_loss(overrides):
     mixed = next(ctx.batches(own[:4] + extra, 8))
     with torch.no_grad():
         def mean_ce(batch):
-            return token_cross_entropy_sum(ctx.forward(batch).logits, batch["labels"]) / int(
-                (batch["labels"][:, 1:] != -100).sum())
+            return token_cross_entropy_sum(ctx.forward(batch).logits, batch.labels) / int(
+                (batch.labels[:, 1:] != -100).sum())
 
         only = next(ctx.batches(extra, 4))
-        assert token_cross_entropy_sum(ctx.forward(only).logits, only["labels"]).item() > 0
+        assert token_cross_entropy_sum(ctx.forward(only).logits, only.labels).item() > 0
         assert not math.isclose(mean_ce(real).item(), mean_ce(mixed).item(), rel_tol=1e-6)
     # deterministic: regenerated identically at the next task start (boundary resume)
     s2 = MoInCL(MoInCLOptions(ikd=False))
@@ -221,10 +223,10 @@ def ikd_alone_vs_appended(ctx, s: MoInCL, batch):
     chosen = s.ikd_examples(ctx)
     s._micro = (-1, 0)  # let transform_batch draw the same sample
     alone = next(ctx.batches(chosen, len(chosen)))
-    assert alone["media"] == {}
-    lab = torch.full_like(alone["attention_mask"], -100)
+    assert alone.media == [{}] * len(alone)
+    lab = torch.full_like(alone.attention_mask, -100)
     lab = torch.cat([lab, lab[:, :1]], 1)
-    lab[:, 1:] = torch.where(alone["attention_mask"] == 1, 0, -100)
+    lab[:, 1:] = torch.where(alone.attention_mask == 1, 0, -100)
     pad = torch.zeros_like(ctx.forward(alone).logits[:, :1])
     s_logits = torch.cat([ctx.forward(alone).logits, pad], 1)
     t_logits = torch.cat([ctx.forward(alone, model=s.teacher).logits, pad], 1)
@@ -240,8 +242,8 @@ def test_kd_terms_zero_at_the_snapshot_positive_after_a_perturbation(overrides):
     ctx.model.train()
     batch = next(ctx.batches(own[:4] + out[len(own):], 8))
     widened, _, extra = loss_terms(ctx, s, batch)
-    assert sum(i.startswith(IKD_PREFIX) for i in widened["ids"]) == 4  # text_instruct_num rows appended
-    assert (widened["labels"][8:] == -100).all()  # no CE on the instruction rows
+    assert sum(i.startswith(IKD_PREFIX) for i in widened.ids) == 4  # text_instruct_num rows appended
+    assert (widened.labels[8:] == -100).all()  # no CE on the instruction rows
     assert abs(extra.item()) < 1e-6
     with torch.no_grad():
         for _, p in ctx.trainable_parameters():
@@ -269,10 +271,10 @@ def test_each_kd_term_on_its_own_matches_a_direct_computation(overrides):
         kd_only = MoInCL(MoInCLOptions(lambda_kl=0.5, ikd=False))
         kd_only.teacher, kd_only.pseudo_ids = both.teacher, both.pseudo_ids
         b1, o1, e1 = loss_terms(ctx, kd_only, batch)
-        assert b1 is batch or b1["input_ids"].shape == batch["input_ids"].shape  # nothing appended
+        assert b1 is batch or b1.input_ids.shape == batch.input_ids.shape  # nothing appended
         rows = slice(4, 8)
         want = 0.5 * distillation_loss(o1.logits[rows], ctx.forward(batch, model=both.teacher).logits[rows],
-                                       batch["labels"][rows], 5.0)
+                                       batch.labels[rows], 5.0)
         assert e1.item() == pytest.approx(want.item(), rel=1e-5) and want.item() > 0
         # IKD only (pseudo=false): the KL of the text-only instructions run alone, without media
         ikd_only = MoInCL(MoInCLOptions(pseudo=False))
@@ -301,7 +303,7 @@ def test_ikd_instructions_longer_than_the_batch(overrides, tmp_path):
         for _, p in ctx.trainable_parameters():
             p.add_(0.05 * torch.randn_like(p))
         batch = next(ctx.batches(own[:2], 2))
-        assert max(len(e.input_ids) for e in s._ikd_examples) > batch["input_ids"].shape[1]
+        assert max(len(e.input_ids) for e in s._ikd_examples) > batch.input_ids.shape[1]
         got, want = ikd_alone_vs_appended(ctx, s, batch)
     assert got.item() == pytest.approx(want.item(), rel=1e-4) and want.item() > 0
 
@@ -379,14 +381,14 @@ def test_end_to_end_two_tasks_and_both_off_equals_sequential(overrides, monkeypa
     original = MoInCL.extra_loss
 
     def spy(self, ctx, batch, outputs):
-        seen.extend(batch["ids"])
+        seen.extend(batch.ids)
         return original(self, ctx, batch, outputs)
 
     monkeypatch.setattr(MoInCL, "extra_loss", spy)
     inst = tmp_path / "inst.jsonl"
     inst.write_text("\n".join(json.dumps(f"What is {i} plus {i}?") for i in range(6)) + "\n")
     built: list = []
-    monkeypatch.setattr(loop, "build_strategies", lambda specs: built.append(build_strategies(specs)) or built[-1])
+    monkeypatch.setattr(setup, "build_strategies", lambda specs: built.append(build_strategies(specs)) or built[-1])
     d = loop.run(load_config(None, overrides("e2e", strategies="[moincl]",
                                              **{"strategies.moincl.instructions": str(inst)})), **QUIET)
     losses = json.loads((d / "losses.json").read_text())
@@ -417,18 +419,18 @@ def test_ikd_pseudo_mode_trains_on_the_teachers_answers(overrides):
     batch = next(ctx.batches(own[:4], 4))
     with torch.no_grad():
         widened, out, term = loss_terms(ctx, s, batch)
-        rows = [i for i, x in enumerate(widened["ids"]) if x.startswith(IKD_PREFIX)]
-        assert len(rows) == 3 and (widened["labels"][rows] == -100).all()
+        rows = [i for i, x in enumerate(widened.ids) if x.startswith(IKD_PREFIX)]
+        assert len(rows) == 3 and (widened.labels[rows] == -100).all()
         # by hand: the teacher's greedy answers, encoded as targets, scored by the current model alone
-        index = [int(widened["ids"][r].rsplit("-", 1)[1]) for r in rows]
+        index = [int(widened.ids[r].rsplit("-", 1)[1]) for r in rows]
         queries = [Record(f"q{i}", s._instructions[i], [], {}, "x") for i in index]
-        answers = generate_answers(s.teacher, ctx.fmt, ctx.collator(left_pad=True), queries, "x", 6, 8, ctx.device,
+        answers = generate_answers(s.teacher, ctx.processor, ctx.collator(left_pad=True), queries, "x", 6, 8, ctx.device,
                                    ctx.dtype)
-        alone = [Example(f"a{i}", *ctx.fmt.encode([*q.conversations[:-1], {"from": "gpt", "value": a}]), {}, "x")
+        alone = [Example(f"a{i}", *ctx.processor.encode([*q.conversations[:-1], {"from": "gpt", "value": a}]), {}, "x")
                  for i, q, a in zip(index, queries, answers)]
         direct = next(ctx.batches(alone, len(alone)))
-        n = int((direct["labels"][:, 1:] != -100).sum())
-        want = token_cross_entropy_sum(ctx.forward(direct).logits, direct["labels"]) / n
+        n = int((direct.labels[:, 1:] != -100).sum())
+        want = token_cross_entropy_sum(ctx.forward(direct).logits, direct.labels) / n
         assert n > 0 and term.item() == pytest.approx(want.item(), rel=1e-4)
     # a teacher that equals the student still gives a positive CE (unlike the KL mode's 0), and it trains the model
     ctx.model.train()

@@ -26,6 +26,7 @@ from reliability_support import (
 )
 from test_strategy_contract import FAST, QUIET, fast_engine
 
+from mmcl.engine.hooks import StrategyError
 from mmcl.cli import main
 from mmcl.config import load_config
 from mmcl.data.records import DataError
@@ -249,7 +250,7 @@ def test_an_exception_in_a_strategy_hook_names_strategy_and_hook_and_leaves_no_p
     fast_engine(monkeypatch)
     probe.plan = {"fail": {"hook": hook, "task": 1, "step": 1}}
     cfg = load_config(None, probe_run(micro_overrides, hook, **{"checkpoint.every_steps": 1}))
-    with pytest.raises(loop.StrategyError, match=rf"strategy '{PROBE}' failed in hook '{hook}': RuntimeError: boom"):
+    with pytest.raises(StrategyError, match=rf"strategy '{PROBE}' failed in hook '{hook}': RuntimeError: boom"):
         loop.run(cfg, **QUIET)
     assert_no_partial_checkpoints(cfg.run_dir)
     names = {p.name for p in (cfg.run_dir / "checkpoints").iterdir() if p.is_dir()}

@@ -27,6 +27,7 @@ from reliability_support import (
 )
 from test_strategy_contract import CASES, QUIET, fast_engine, overrides_for
 
+from mmcl.engine.hooks import StrategyError
 from mmcl.config import load_config
 from mmcl.data.records import DataError
 from mmcl.engine import checkpoint as ck
@@ -151,7 +152,7 @@ def test_mid_task_resume_consumes_exactly_the_same_samples(probe, micro_override
 
     probe.plan = {"fail": {"hook": "after_optimizer_step", "task": 1, "step": 4}}
     cfg = load_config(None, micro_overrides("cut", tasks=2, **over))
-    with pytest.raises(loop.StrategyError, match="boom"):
+    with pytest.raises(StrategyError, match="boom"):
         loop.run(cfg, **QUIET)
     assert latest(cfg.run_dir).name == "task-02-shape_cls-step-000004"
     assert_no_partial_checkpoints(cfg.run_dir)
@@ -168,8 +169,8 @@ def test_mid_task_resume_consumes_exactly_the_same_samples(probe, micro_override
     assert latest(resumed).name == "task-02-shape_cls"
 
     # negative control: a resume that restores everything but the position in the task's batches
-    real = loop._resume_point
-    monkeypatch.setattr(loop, "_resume_point", lambda t, s: dataclasses.replace(real(t, s), step=0))
+    real = loop.resume_point
+    monkeypatch.setattr(loop, "resume_point", lambda t, s: dataclasses.replace(real(t, s), step=0))
     control = loop.run(load_config(None, micro_overrides("control", tasks=2, **over)), resume=True, **QUIET)
     with pytest.raises(AssertionError, match="consumed samples differ"):
         assert_same_samples(full, control)
@@ -259,7 +260,7 @@ def test_bad_records_are_listed_up_front_and_skipped_identically_across_a_resume
     # policy skip, crash in step 4 with a checkpoint after step 2, resume: same skips, same order
     probe.plan = {"fail": {"hook": "transform_batch", "task": 0, "step": 3}}
     cfg = load_config(None, micro_overrides("cut", tasks=1, **skip, **{"checkpoint.every_steps": 2}))
-    with pytest.raises(loop.StrategyError):
+    with pytest.raises(StrategyError):
         loop.run(cfg, **QUIET)
     probe.plan = {}
     resumed = loop.run(cfg, resume=True, **QUIET)

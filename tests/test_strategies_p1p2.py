@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcl.engine.hooks import StrategyError
 from mmcl.config import StrategySpec
 from mmcl.engine import loop
 from mmcl.engine.train import fit, token_cross_entropy_sum
@@ -132,7 +133,7 @@ def test_freeze_output_embedding_freezes_the_tied_input_embedding_too(micro_over
 def test_freeze_last_block_freezes_adapters_whatever_the_order(micro_overrides, order, mode):
     ctx, strategies = _objects(micro_overrides, order, **{"strategies.lora.mode": mode})
     ctx.task_index = 0
-    loop.call(strategies, "on_task_start", ctx)
+    strategies.on_task_start(ctx)
     for s in strategies:  # the last hooks before the optimizer is built
         s.train_examples(ctx, [])
     last = decoder_layers(ctx.model.language_model)[-1]
@@ -301,14 +302,15 @@ def test_llaca_batched_update_matches_the_reference_with_one_host_sync_per_step(
 
 
 def test_llaca_refuses_to_follow_a_merged_adapter(micro_overrides):
-    ctx, strategies = _objects(micro_overrides, "[lora,llaca]", **{"strategies.lora.mode": "merge"})
+    # task ends unwind in reverse: with [llaca, lora] the adapter is merged before llaca swaps its weights in
+    ctx, strategies = _objects(micro_overrides, "[llaca,lora]", **{"strategies.lora.mode": "merge"})
     ctx.task_index = 0
-    loop.call(strategies, "on_task_start", ctx)
+    strategies.on_task_start(ctx)
     for _, p in ctx.trainable_parameters():
         p.grad = torch.ones_like(p)
-    loop.call(strategies, "after_optimizer_step", ctx)
-    with pytest.raises(loop.StrategyError, match="list llaca before lora"):
-        loop.call(strategies, "on_task_end", ctx)
+    strategies.after_optimizer_step(ctx)
+    with pytest.raises(StrategyError, match="list lora before llaca"):
+        strategies.on_task_end(ctx)
 
 
 # -- IA3 --------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmcl.engine.setup import build_context
 from mmcl.config import load_config
 from mmcl.engine import loop
 from mmcl.engine.loop import run
@@ -31,7 +32,7 @@ FAST = {"train.max_steps": 2, "data.test_limit": 2, "eval.max_new_tokens": 2, "e
 
 def make_ctx(overrides: list[str]):
     """The Context `loop.run` builds, without running anything (for hook-level tests on the micro model)."""
-    ctx, _, _ = loop.build_context(load_config(None, overrides), log=lambda *a: None)
+    ctx, _, _ = build_context(load_config(None, overrides), log=lambda *a: None)
     ctx.task_index = 0
     return ctx
 

@@ -16,10 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mmcl.report
+from mmcl.seeding import seed_everything
+from mmcl.engine.setup import build_context
 from mmcl.config import ConfigError, load_config
-from mmcl.engine import loop
+from mmcl.engine import loop, setup
 from mmcl.engine.context import Context
-from mmcl.engine.train import token_cross_entropy_sum
+from mmcl.models.losses import token_cross_entropy_sum
 from mmcl.strategies import Strategy, build_strategies, list_strategies, register_strategy
 from mmcl.strategies.registry import _REGISTRY
 
@@ -77,25 +79,25 @@ def overrides_for(micro_overrides, run_name: str, strategy: str, tasks: int = 2,
 def engine_objects(overrides: list[str]) -> tuple[Context, list[Strategy]]:
     """The context and strategies exactly as `loop.run` builds them, up to and including prepare_model."""
     cfg = load_config(None, overrides)
-    loop.seed_everything(cfg.seed)
-    ctx, strategies, _ = loop.build_context(cfg, log=QUIET["log"])
-    loop.call(strategies, "prepare_model", ctx)
+    seed_everything(cfg.seed)
+    ctx, strategies, _ = build_context(cfg, log=QUIET["log"])
+    strategies.prepare_model(ctx)
     return ctx, strategies
 
 
 def one_backward(ctx: Context, strategies: list[Strategy]) -> None:
     """Task 0, one batch, forward and backward of the loss the engine would build (task loss + extra terms)."""
     ctx.task_index = 0
-    loop.call(strategies, "on_task_start", ctx)
+    strategies.on_task_start(ctx)
     examples = ctx.train_examples(ctx.task.name)[:4]
     batch = next(ctx.batches(examples, len(examples)))
-    hooks = loop._step_hooks(ctx, strategies)
+    hooks = strategies.step_hooks(ctx)
     batch = hooks.transform_batch(batch)
     ctx.model.train()
     out = ctx.forward(batch)
     loss = hooks.task_loss(batch, out)
     if loss is None:
-        loss = token_cross_entropy_sum(out.logits, batch["labels"])
+        loss = token_cross_entropy_sum(out.logits, batch.labels)
     extra = hooks.extra_loss(batch, out)
     (loss + (extra if extra is not None else 0)).backward()
 
@@ -139,7 +141,7 @@ def test_strategy_contract(name, micro_overrides, monkeypatch, tmp_path):
         built.append(build_strategies(specs))
         return built[-1]
 
-    monkeypatch.setattr(loop, "build_strategies", capture)
+    monkeypatch.setattr(setup, "build_strategies", capture)
     dirs = [loop.run(load_config(None, overrides_for(micro_overrides, f"{name}-0", name)), **QUIET)]
     # the repeat only compares losses and state: skip its evaluation
     monkeypatch.setattr(loop, "evaluate_row", lambda ctx, row, progress: {t.name: 0.0 for t in ctx.stream.tasks})
@@ -249,7 +251,7 @@ def test_per_task_options_are_checked_before_training(knob, micro_overrides):
         build_strategies(load_config(None, [*base, "strategies.knob_test.per_task.shape_cls.value=abc"]).strategies)
     unknown_task = r"per_task\.ocr: no such task in the stream; its tasks: color_qa, shape_cls"
     with pytest.raises(ConfigError, match=unknown_task):
-        loop.build_context(load_config(None, [*base, "strategies.knob_test.per_task.ocr.value=2"]),
+        build_context(load_config(None, [*base, "strategies.knob_test.per_task.ocr.value=2"]),
                            log=QUIET["log"])
     with pytest.raises(ConfigError, match=r"per_task\.color_qa\.x: unknown key"):
         build_strategies(load_config(None, [*base, "strategies=[{knob_test: {per_task: {color_qa: {x: 1}}}}]"])

@@ -32,7 +32,7 @@ def builtin_world(*, progress: bool = True, log=print) -> Path:
 
 def builtin_model(*, progress: bool = True, log=print) -> Path:
     """The tiny base model directory, pre-trained on the built-in world if it is not cached yet (~2 min on a CPU)."""
-    from mmcl.models.builder import TINY_MODALITIES
+    from mmcl.models.tiny import TINY_MODALITIES
     from mmcl.pretrain import pretrain
 
     path = mmcl_home() / "models" / "tiny"
@@ -63,10 +63,10 @@ def resolve_stream(cfg: DataConfig, *, progress: bool = True, log=print) -> Stre
 
 
 def resolve_model(cfg: ModelConfig, *, run_dir: Path | None = None, progress: bool = True, log=print):
-    """Load the model named by the config; refuses a run directory inside the model's own directory."""
+    """The model and processor named by the config; refuses a run directory inside the model's own directory."""
     import torch
 
-    from mmcl.models.builder import load_model
+    from mmcl.models.loading import load_backend
 
     path = builtin_model(progress=progress, log=log) if cfg.path == "tiny" else Path(cfg.path)
     if run_dir is not None and Path(run_dir).resolve().is_relative_to(path.resolve()):
@@ -75,4 +75,5 @@ def resolve_model(cfg: ModelConfig, *, run_dir: Path | None = None, progress: bo
             "so the base model's files are never modified"
         )
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    return load_model(path, dtype=dtype, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+    return load_backend(path, backend=cfg.backend, dtype=dtype, allow_pickle=cfg.allow_pickle,
+                        trust_remote_code=cfg.trust_remote_code)

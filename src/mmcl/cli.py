@@ -349,15 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_hf()
     from mmcl.config import ConfigError
     from mmcl.data.records import DataError
-    from mmcl.engine.loop import PREEMPTED_EXIT_CODE
+    from mmcl.engine.checkpoint import CheckpointError
+    from mmcl.engine.resume import ResumeError
+    from mmcl.engine.signals import PREEMPTED_EXIT_CODE
     from mmcl.engine.train import Preempted
+    from mmcl.models.base import ModelLoadError
 
     try:
         return args.func(args)
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelLoadError, CheckpointError, ResumeError, FileExistsError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -32,7 +32,11 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "tiny"
     """`tiny` (the built-in model, pre-trained by `mmcl pretrain` and cached) or a local model directory: an mmcl
-    model directory or a Hugging Face LLaVA checkpoint."""
+    model directory or a Hugging Face checkpoint (llava, llava_onevision, qwen2_vl, qwen2_5_vl, idefics3, smolvlm,
+    blip-2, instructblip, qwen2_audio) saved with `save_pretrained` together with its processor."""
+    backend: Literal["auto", "native", "composition"] = "auto"
+    """How a Hugging Face checkpoint is run: `auto`/`native` use its own transformers class; `composition` maps a
+    LLaVA checkpoint onto mmcl's encoder -> projector -> LM composition (per-modality projectors)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights' dtype. bfloat16 pays off from ~5M parameters up (and on GPUs)."""
     train: list[str] = field(default_factory=lambda: ["projectors", "language_model"])

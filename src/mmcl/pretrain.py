@@ -29,7 +29,10 @@ from mmcl.data.batching import Collator, encode_records
 from mmcl.data.records import DataError, format_problems, load_task, read_records
 from mmcl.engine.train import fit
 from mmcl.eval.generate import evaluate_task
-from mmcl.models.builder import TinySizes, build_tiny, conversation_format, media_loader, save_model
+from mmcl.data.batching import MediaLoader
+from mmcl.models.builder import save_model
+from mmcl.models.composition import composition_processor
+from mmcl.models.tiny import TinySizes, build_tiny
 from mmcl.models.tokenizer import ASSISTANT, USER, train_bpe_tokenizer
 
 
@@ -74,7 +77,7 @@ def pretrain_vision(model, records, media, steps: int, *, seed: int, batch_size:
     loss = torch.zeros(())
     for _ in tqdm(range(steps), desc="vision", leave=False, disable=not progress):
         idx = torch.randint(0, len(records), (batch_size,), generator=g)
-        images = torch.stack([media("image", records[i].media["image"]) for i in idx.tolist()])
+        images = torch.stack([media("image", records[i].media["image"]).inputs["values"] for i in idx.tolist()])
         feats = encoder(images).last_hidden_state
         feats = feats[:, 1:] if spec.select == "patch" else feats
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats.mean(1)), targets[idx])
@@ -95,11 +98,11 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     # the conversation template's words are in the corpus too, so they become single tokens
     tokenizer = train_bpe_tokenizer(chain(world_texts(world), [f"{USER} {ASSISTANT}"] * 1000), cfg.vocab_size)
     model = build_tiny(tokenizer, cfg.sizes, seed=cfg.seed)
-    fmt = conversation_format(model, tokenizer)
-    media = media_loader(model)
+    processor = composition_processor(model, tokenizer)
+    media = MediaLoader(processor)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model.to(accelerator.device)
-    collate = Collator(tokenizer.pad_token_id, media)
+    collate = Collator(processor, media)
     text_tasks = [load_task(world / p) for p in index["pretrain"]["text"]]
     align_tasks = [load_task(world / p) for p in index["pretrain"]["align"]]
 
@@ -113,21 +116,21 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
         p.requires_grad_(False)
     for p in model.language_model.parameters():
         p.requires_grad_(True)
-    text = [e for t in text_tasks for e in encode_records(_records(t, "train"), fmt, t.name)]
+    text = [e for t in text_tasks for e in encode_records(_records(t, "train"), processor, t.name)]
     log(f"pretrain 1/2: language skills on {len(text)} records ({', '.join(t.name for t in text_tasks)})")
     r1 = fit(model, text, collate, cfg.language, accelerator, seed=cfg.seed, label="language", progress=progress)
 
     # stage 2: alignment, everything trained, language skills mixed in (see the module docstring)
     for p in model.parameters():
         p.requires_grad_(True)
-    align = [e for t in align_tasks for e in encode_records(_records(t, "train"), fmt, t.name)] + text
+    align = [e for t in align_tasks for e in encode_records(_records(t, "train"), processor, t.name)] + text
     log(f"pretrain 2/2: vision-language alignment on {len(align) - len(text)} captions (+ language skills)")
     r2 = fit(model, align, collate, cfg.align, accelerator, seed=cfg.seed + 1, label="align", progress=progress)
 
     scores = {}
-    left = Collator(tokenizer.pad_token_id, media, left_pad=True)
+    left = Collator(processor, media, left_pad=True)
     for t in text_tasks + align_tasks:
-        res = evaluate_task(model, fmt, left, t, _records(t, "test"), batch_size=cfg.eval_batch_size,
+        res = evaluate_task(model, processor, left, t, _records(t, "test"), batch_size=cfg.eval_batch_size,
                             device=accelerator.device)
         scores[t.name] = round(res.score, 2)
     info = {

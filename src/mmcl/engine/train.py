@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from mmcl.config import TrainConfig
-from mmcl.data.batching import Collator, Example, move_batch
+from mmcl.data.batching import Batch, Collator, Example
+from mmcl.models.losses import token_cross_entropy_sum
 
 
 class Preempted(RuntimeError):
@@ -48,9 +48,9 @@ class NonFiniteLossError(RuntimeError):
 class StepHooks:
     """Per-step callbacks the continual engine plugs in (strategies); all optional."""
 
-    transform_batch: Callable[[dict], dict] | None = None
-    task_loss: Callable[[dict, object], torch.Tensor | None] | None = None
-    extra_loss: Callable[[dict, object], torch.Tensor | None] | None = None
+    transform_batch: Callable[[Batch], Batch] | None = None
+    task_loss: Callable[[Batch, object], torch.Tensor | None] | None = None
+    extra_loss: Callable[[Batch, object], torch.Tensor | None] | None = None
     after_step: Callable[[int], None] | None = None
     after_epoch: Callable[[int], bool | None] | None = None
     """Called with the epoch index after the last step of each epoch (and of a last epoch cut short by max_steps);
@@ -65,13 +65,6 @@ class FitResult:
     train_time_s: float = 0.0
     samples: int = 0
     stopped_early: bool = False
-
-
-def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over supervised positions (labels != -100)."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 def lr_lambda(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
@@ -168,16 +161,17 @@ def fit(
         for k, mb in enumerate(micro):
             if not mb:
                 continue
-            batch = move_batch(collator([examples[i] for i in mb]), accelerator.device, dtype)
+            batch = collator([examples[i] for i in mb]).to(accelerator.device, dtype)
             if hooks.transform_batch:
                 batch = hooks.transform_batch(batch)
             sync = k == len(micro) - 1
             with accelerator.no_sync(wrapped) if not sync and world > 1 else _null():
                 with accelerator.autocast():
-                    out = wrapped(batch["input_ids"], batch["attention_mask"], batch["media"])
+                    out = wrapped(batch.input_ids, batch.attention_mask,
+                                  **model.media_inputs(batch.media, batch.input_ids))
                     task_sum = hooks.task_loss(batch, out) if hooks.task_loss else None
                     if task_sum is None:
-                        task_sum = token_cross_entropy_sum(out.logits, batch["labels"])
+                        task_sum = token_cross_entropy_sum(out.logits, batch.labels)
                     # DDP averages gradients over ranks, so scale by world size to get the global-token mean.
                     loss = task_sum * world / max(n_tokens, 1)
                     extra = hooks.extra_loss(batch, out) if hooks.extra_loss else None

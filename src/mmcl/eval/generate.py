@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mmcl.data.batching import Collator, encode_records, move_batch
+from mmcl.data.batching import Collator, encode_records
 from mmcl.data.records import Record, Task
 from mmcl.eval.scorers import get_scorer
-from mmcl.models.mllm import MultimodalLM
-from mmcl.models.tokenizer import ConversationFormat
+from mmcl.models.base import MLLM, Processor
 
 
 @dataclass
@@ -23,8 +22,8 @@ class TaskResult:
 
 @torch.no_grad()
 def generate_answers(
-    model: MultimodalLM,
-    fmt: ConversationFormat,
+    model: MLLM,
+    processor: Processor,
     collator: Collator,
     records: Sequence[Record],
     task: str,
@@ -38,7 +37,7 @@ def generate_answers(
 ) -> list[str]:
     """Answers in record order, greedy unless `num_beams` > 1. Prompts are grouped by length so batches carry
     little padding."""
-    examples = encode_records(records, fmt, task, for_generation=True)
+    examples = encode_records(records, processor, task, for_generation=True)
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), i))
     answers: list[str] = [""] * len(examples)
     was_training = model.training
@@ -46,28 +45,28 @@ def generate_answers(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = move_batch(collator([examples[i] for i in idx]), device, dtype)
-            new = model.generate(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["media"],
-                max_new_tokens=max_new_tokens,
-                pad_token_id=collator.pad_id,
-                eos_token_id=fmt.eos,
+            batch = collator([examples[i] for i in idx]).to(device, dtype)
+            new = model.generate_new(
+                batch.input_ids,
+                batch.attention_mask,
+                max_new_tokens,
+                **model.media_inputs(batch.media, batch.input_ids),
+                pad_token_id=processor.pad_id,
+                eos_token_id=processor.eos_ids,
                 num_beams=num_beams,
                 # only when asked for: HF warns that, with a prompt given as embeddings, it penalises new tokens only
                 **({"repetition_penalty": repetition_penalty} if repetition_penalty != 1.0 else {}),
             )
             for i, row in zip(idx, new.tolist()):
-                answers[i] = fmt.decode_answer(row)
+                answers[i] = processor.decode_answer(row)
     finally:
         model.train(was_training)
     return answers
 
 
 def evaluate_task(
-    model: MultimodalLM,
-    fmt: ConversationFormat,
+    model: MLLM,
+    processor: Processor,
     collator: Collator,
     task: Task,
     records: Sequence[Record],
@@ -81,7 +80,7 @@ def evaluate_task(
 ) -> TaskResult:
     """Score a task's test records with its scorer; returns the score (0-100 scale) and per-record predictions."""
     answers = generate_answers(
-        model, fmt, collator, records, task.name, max_new_tokens or task.max_new_tokens, batch_size, device, dtype,
+        model, processor, collator, records, task.name, max_new_tokens or task.max_new_tokens, batch_size, device, dtype,
         num_beams=num_beams, repetition_penalty=repetition_penalty,
     )
     refs = [r.references for r in records]

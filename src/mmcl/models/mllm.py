@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from mmcl.models.base import MLLM, Media
+
 
 # P4's modality cues (" image: " etc.), for models that want them; the tiny model uses them with adapter "p4".
 P4_CUES = {"image": " image: ", "audio": " audio: ", "video": " video: "}
@@ -139,7 +141,7 @@ def encoder_hidden_size(encoder: nn.Module) -> int:
     return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model"))
 
 
-class MultimodalLM(nn.Module):
+class MultimodalLM(MLLM):
     """Encoders and projectors per modality in front of a causal LM; forward and generate take token ids plus media.
 
     `encoders` is keyed by encoder name; a modality reads the encoder its spec names (`spec.encoder`), or the one
@@ -149,6 +151,8 @@ class MultimodalLM(nn.Module):
     `language_model` may be a plain `PreTrainedModel` or a PEFT wrapper around one; LoRA and IA3 only ever wrap the
     language model, so the vision tower cannot be adapted by accident.
     """
+
+    family = "mmcl"
 
     def __init__(
         self,
@@ -246,12 +250,12 @@ class MultimodalLM(nn.Module):
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(
+    def generate_new(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        media: dict[str, torch.Tensor] | None = None,
         max_new_tokens: int = 16,
+        media: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy decoding with the KV cache from left-padded prompts; returns only the new tokens."""
@@ -260,6 +264,26 @@ class MultimodalLM(nn.Module):
         return self.language_model.generate(
             inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs
         )
+
+    # -- the seam ---------------------------------------------------------------------------------------------------
+    def media_inputs(self, media: Media, input_ids: torch.Tensor) -> dict[str, Any]:
+        """{"media": modality -> the stacked items of the rows that have one, in row order}."""
+        out: dict[str, torch.Tensor] = {}
+        for m in sorted({m for row in media for m in row}):
+            out[m] = torch.stack([row[m]["values"] for row in media if m in row])
+        return {"media": out}
+
+    def parts(self) -> dict[str, dict[str, nn.Module]]:
+        """Encoders and projectors keyed by the modality they serve (video shares the image tower when its spec
+        says so), and the language model."""
+        return {
+            "encoders": {m: self.encoder_for(m) for m in self.modalities},
+            "projectors": {m: self.projectors[m] for m in self.modalities},
+            "language_model": {"lm": self.language_model},
+        }
+
+    def output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
 
     def spec_dict(self) -> dict[str, dict]:
         return {m: asdict(s) for m, s in self.modalities.items()}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from mmcl.engine.train import token_cross_entropy_sum
+from mmcl.models.losses import token_cross_entropy_sum
 from mmcl.strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def importance_pass(
     model.eval()
     try:
         for batch in ctx.batches(evenly_spaced(examples, max_samples), batch_size):
-            target = batch["labels"][:, 1:]
+            target = batch.labels[:, 1:]
             mask = target != -100
             n_tokens = int(mask.sum())
             if n_tokens == 0:
@@ -81,7 +81,7 @@ def importance_pass(
             with torch.enable_grad(), ctx.accelerator.autocast():
                 logits = ctx.forward(batch).logits
                 if kind == "ewc":
-                    loss = token_cross_entropy_sum(logits, batch["labels"]) / n_tokens
+                    loss = token_cross_entropy_sum(logits, batch.labels) / n_tokens
                 else:
                     loss = logits[:, :-1][mask].float().pow(2).sum(-1).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -228,13 +228,13 @@ class ImportanceRegularizer(Strategy):
     def on_task_start(self, ctx: Context) -> None:
         self._anchor = self._build_anchor(ctx) if self.omega is not None else None
 
-    def extra_loss(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor | None:
+    def extra_loss(self, ctx: Context, batch: Batch, outputs: Any) -> torch.Tensor | None:
         return self._anchor() if self._anchor is not None else None
 
     def on_task_end(self, ctx: Context) -> None:
         self._anchor = None  # the per-task parameter list; rebuilt at the next task start
-        cfg, train = self.config, ctx.config.train
-        bs = cfg.batch_size or max(1, train.batch_size // (train.grad_accum * ctx.accelerator.num_processes))
+        cfg = self.config
+        bs = cfg.batch_size or ctx.micro_batch_size
         task = ctx.task
         raw = importance_pass(ctx, ctx.train_examples(task.name), self.kind, bs, cfg.max_samples)
         new = normalise(raw, task.name)  # raises on NaN/inf before anything below changes

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from mmcl.data.batching import Example
+    from mmcl.data.batching import Batch, Example
     from mmcl.engine.context import Context
 
 
@@ -76,15 +76,15 @@ class Strategy:
         """The examples this task trains on; default: the task's own."""
         return examples
 
-    def transform_batch(self, ctx: Context, batch: dict) -> dict:
+    def transform_batch(self, ctx: Context, batch: Batch) -> Batch:
         """Change a training batch before the forward pass (e.g. mix in replayed samples)."""
         return batch
 
-    def task_loss(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor | None:
+    def task_loss(self, ctx: Context, batch: Batch, outputs: Any) -> torch.Tensor | None:
         """Replace the next-token cross-entropy (only strategies with `replaces_task_loss`)."""
         return None
 
-    def extra_loss(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor | None:
+    def extra_loss(self, ctx: Context, batch: Batch, outputs: Any) -> torch.Tensor | None:
         """A term added to the loss (penalty, distillation), or None."""
         return None
 

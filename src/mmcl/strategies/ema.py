@@ -62,7 +62,8 @@ class EMATracker(Strategy):
         if any(every.get(n) is not p for n, p in params.items()):
             raise ValueError(
                 f"{self.name}: the parameters it tracks are no longer in the model (an adapter was merged first); "
-                f"list {self.name} before lora in strategies when lora.mode=merge"
+                f"list lora before {self.name} in strategies when lora.mode=merge (task ends unwind in reverse order, "
+                "so the adapter is then merged after this strategy has put its weights in)"
             )
         with torch.no_grad():
             for n, p in params.items():

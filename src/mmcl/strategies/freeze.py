@@ -82,7 +82,7 @@ class FreezeOutputEmbedding(_Freeze):
     supports_peft = False
 
     def _params(self, ctx: Context) -> list[torch.nn.Parameter]:
-        head = ctx.model.language_model.get_output_embeddings()
+        head = ctx.model.output_embeddings()
         if head is None:
-            raise ValueError(f"{type(ctx.model.language_model).__name__} has no output embedding to freeze")
+            raise ValueError(f"{type(ctx.model).__name__} has no output embedding to freeze")
         return list(head.parameters())

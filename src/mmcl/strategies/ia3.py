@@ -19,7 +19,7 @@ _LLAMA_FEEDFORWARD = ["down_proj"]
 
 
 def _linear_leaf_names(model: nn.Module) -> set[str]:
-    head = model.get_output_embeddings()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
 
 
@@ -69,6 +69,7 @@ class IA3(Strategy):
         if not any(t in present for t in targets):
             raise ValueError(f"strategies.ia3.targets: none of {targets} is a linear layer of the language model "
                              f"(it has {sorted(present)})")
+        causal = getattr(lm, "get_output_embeddings", lambda: None)() is not None  # see LoRA._wrap
         cfg = IA3Config(target_modules=list(targets), feedforward_modules=list(feedforward),
-                        task_type=TaskType.CAUSAL_LM)
+                        task_type=TaskType.CAUSAL_LM if causal else None)
         ctx.model.language_model = get_peft_model(lm, cfg)

@@ -48,16 +48,20 @@ class LoRA(Strategy):
         from peft import LoraConfig, TaskType, get_peft_model
 
         c = self.config
+        lm = ctx.model.language_model
+        # a causal LM (the composition's) gets peft's causal-LM wrapper; a native VLM's decoder stack (no head of
+        # its own) gets the plain one, which passes every keyword of the VLM's call through
+        causal = getattr(lm, "get_output_embeddings", lambda: None)() is not None
         cfg = LoraConfig(
             r=c.r,
             lora_alpha=c.alpha,
             lora_dropout=c.dropout,
             use_rslora=c.rslora,
             target_modules=c.targets if c.targets else "all-linear",
-            task_type=TaskType.CAUSAL_LM,
+            task_type=TaskType.CAUSAL_LM if causal else None,
             bias="none",
         )
-        ctx.model.language_model = get_peft_model(ctx.model.language_model, cfg)
+        ctx.model.language_model = get_peft_model(lm, cfg)
 
     def prepare_model(self, ctx: Context) -> None:
         if self.config.mode == "carry":

@@ -14,6 +14,7 @@ from mmcl.strategies.base import Strategy
 from mmcl.strategies.registry import register_strategy
 
 if TYPE_CHECKING:
+    from mmcl.data.batching import Batch
     from mmcl.engine.context import Context
 
 
@@ -74,12 +75,12 @@ class LwF(Strategy):
             teacher.requires_grad_(False)
             self.teacher = teacher
 
-    def extra_loss(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor | None:
+    def extra_loss(self, ctx: Context, batch: Batch, outputs: Any) -> torch.Tensor | None:
         if self.teacher is None or self.config.lambda_ == 0:
             return None
         with torch.no_grad():
             teacher_logits = ctx.forward(batch, model=self.teacher).logits
-        kd = distillation_loss(outputs.logits, teacher_logits, batch["labels"], self.config.temperature)
+        kd = distillation_loss(outputs.logits, teacher_logits, batch.labels, self.config.temperature)
         return self.config.lambda_ * kd
 
     def on_task_end(self, ctx: Context) -> None:

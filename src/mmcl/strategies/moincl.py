@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmcl.data.batching import Example, move_batch
+from mmcl.data.batching import Batch, Example
 from mmcl.data.records import MODALITIES, PLACEHOLDER, Record, Task, read_records
-from mmcl.engine.train import token_cross_entropy_sum
+from mmcl.models.losses import token_cross_entropy_sum
+from mmcl.seeding import task_seed
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.lwf import distillation_loss
 from mmcl.strategies.registry import register_strategy
@@ -137,25 +138,6 @@ def load_instructions(path: str | Path) -> list[list[dict]]:
     return out
 
 
-def select_rows(batch: dict, rows: list[int], token_ids: dict[str, int]) -> dict:
-    """The sub-batch of `rows` (input ids, mask, labels, ids, and the media items of exactly those rows). Media
-    items are matched to rows by their placeholder tokens, in row order, as the model's `embed` does."""
-    index = torch.tensor(rows, device=batch["input_ids"].device, dtype=torch.long)
-    ids = batch["input_ids"].index_select(0, index)
-    media = {}
-    for m, values in batch["media"].items():
-        has = (batch["input_ids"] == token_ids[m]).any(1)
-        if int(has.sum()) != values.shape[0]:
-            raise ValueError(f"{m}: {int(has.sum())} rows hold placeholders, the batch has {values.shape[0]} items")
-        item = torch.cumsum(has.long(), 0) - 1
-        keep = [int(item[r]) for r in rows if bool(has[r])]
-        if keep:
-            media[m] = values.index_select(0, torch.tensor(keep, device=values.device, dtype=torch.long))
-    return {"input_ids": ids, "attention_mask": batch["attention_mask"].index_select(0, index),
-            "labels": batch["labels"].index_select(0, index), "media": media,
-            "ids": [batch["ids"][r] for r in rows]}
-
-
 @register_strategy("moincl")
 class MoInCL(Strategy):
     """MoInCL, "Modality-Inconsistent Continual Learning of Multimodal Large Language Models" (P4, Pian et al.,
@@ -226,7 +208,7 @@ class MoInCL(Strategy):
         for task in ctx.stream.retention:
             if task.modality != "text" or "train" not in task.splits:
                 continue
-            good, _ = read_records(task, "train", allow_outside_root=ctx.config.data.allow_outside_root)
+            good, _ = read_records(task, "train", allow_outside_root=ctx.allow_outside_root)
             convs += [r.conversations for r in good]
         if not convs:
             raise ValueError("ikd needs text-only instructions: set strategies.moincl.instructions to a JSONL file, "
@@ -248,7 +230,7 @@ class MoInCL(Strategy):
                 if self._instructions is None:
                     self._instructions = self.instruction_conversations(ctx)
                 self._ikd_examples = [
-                    Example(f"{IKD_PREFIX}-{i}", *ctx.fmt.encode(c, for_generation=True), {}, IKD_PREFIX)
+                    Example(f"{IKD_PREFIX}-{i}", *ctx.processor.encode(c, for_generation=True), {}, IKD_PREFIX)
                     for i, c in enumerate(self._instructions)
                 ]
                 self._ikd_answered = {}
@@ -273,9 +255,8 @@ class MoInCL(Strategy):
         if plan is None:
             return examples
         kind, source = plan
-        from mmcl.engine.loop import task_seed
 
-        count = round(len(examples) * self.config.pseudo_num / ctx.config.train.batch_size)
+        count = round(len(examples) * self.config.pseudo_num / ctx.batch_size)
         inputs = ctx.records[ctx.task.name]["train"]
         if count == 0 or not inputs:
             return examples
@@ -296,11 +277,11 @@ class MoInCL(Strategy):
             for k, (i, p) in enumerate(zip(chosen, prompts))
         ]
         answers = ctx.generate(self.teacher, queries, ctx.task.name,
-                               ctx.config.eval.max_new_tokens or source.max_new_tokens)
+                               ctx.max_new_tokens or source.max_new_tokens)
         pseudo = []
         for q, a in zip(queries, answers):
             conv = [q.conversations[0], {"from": "gpt", "value": a}]
-            pseudo.append(Example(q.id, *ctx.fmt.encode(conv), q.media, ctx.task.name))
+            pseudo.append(Example(q.id, *ctx.processor.encode(conv), q.media, ctx.task.name))
         self.pseudo_ids = {e.id for e in pseudo}
         self.pseudo_source = source.name
         return list(examples) + pseudo
@@ -308,7 +289,6 @@ class MoInCL(Strategy):
     # -- IKD rows ---------------------------------------------------------------------------------------------------
     def ikd_examples(self, ctx: Context) -> list[Example]:
         """This micro-batch's instructions: a seeded sample, new for every micro-batch of every step."""
-        from mmcl.engine.loop import task_seed
 
         step, k = self._micro
         self._micro = (ctx.task_step, k + 1 if step == ctx.task_step else 0)
@@ -330,36 +310,26 @@ class MoInCL(Strategy):
             answers = ctx.generate(self.teacher, queries, IKD_PREFIX, self.config.ikd_max_new_tokens)
             for i, q, a in zip(todo, queries, answers):
                 conv = [*q.conversations[:-1], {"from": "gpt", "value": a}]
-                self._ikd_answered[i] = Example(q.id, *ctx.fmt.encode(conv), {}, IKD_PREFIX)
+                self._ikd_answered[i] = Example(q.id, *ctx.processor.encode(conv), {}, IKD_PREFIX)
         return [self._ikd_answered[i] for i in chosen]
 
-    def transform_batch(self, ctx: Context, batch: dict) -> dict:
+    def transform_batch(self, ctx: Context, batch: Batch) -> Batch:
         if self.teacher is None or not self.config.ikd or not self._ikd_examples:
             return batch
-        extra = move_batch(ctx.collator()(self.ikd_examples(ctx)), batch["input_ids"].device)
-        # one pad column more than the longest instruction, so every real position has a successor slot
-        width = max(batch["input_ids"].shape[1], extra["input_ids"].shape[1] + 1)
-        pad_id = ctx.tokenizer.pad_token_id
-
-        def widen(t: torch.Tensor, fill: int) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
-
-        out = dict(batch)
-        out["input_ids"] = torch.cat([widen(batch["input_ids"], pad_id), widen(extra["input_ids"], pad_id)])
-        out["attention_mask"] = torch.cat([widen(batch["attention_mask"], 0), widen(extra["attention_mask"], 0)])
+        extra = ctx.collator()(self.ikd_examples(ctx)).to(batch.input_ids.device)
         # the instruction rows never join the task loss; in pseudo mode their targets are kept for extra_loss
-        extra_labels = widen(extra["labels"], -100)
-        self._ikd_targets = dict(zip(extra["ids"], extra_labels)) if self.config.ikd_mode == "pseudo" else {}
-        out["labels"] = torch.cat([widen(batch["labels"], -100), torch.full_like(extra_labels, -100)])
-        out["ids"] = list(batch["ids"]) + extra["ids"]
-        out["tasks"] = list(batch.get("tasks", [])) + extra["tasks"]
-        return out
+        # (one pad column more than the longest instruction, so every real position has a successor slot)
+        width = max(batch.input_ids.shape[1], extra.input_ids.shape[1] + 1)
+        extra = extra.widen(width, ctx.pad_id)
+        self._ikd_targets = dict(zip(extra.ids, extra.labels)) if self.config.ikd_mode == "pseudo" else {}
+        extra.labels = torch.full_like(extra.labels, -100)
+        return Batch.concat([batch, extra], ctx.pad_id, width)
 
     # -- losses -----------------------------------------------------------------------------------------------------
-    def extra_loss(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor | None:
+    def extra_loss(self, ctx: Context, batch: Batch, outputs: Any) -> torch.Tensor | None:
         if self.teacher is None:
             return None
-        ids = batch["ids"]
+        ids = batch.ids
         pseudo = [i for i, x in enumerate(ids) if x in self.pseudo_ids] if self.config.lambda_kl > 0 else []
         ikd = [i for i, x in enumerate(ids) if x.startswith(IKD_PREFIX)]
         if not pseudo and not ikd:
@@ -371,7 +341,7 @@ class MoInCL(Strategy):
         rows = pseudo + ikd  # the rows the teacher must see
         if not rows:
             return total
-        sub = select_rows(batch, rows, ctx.model.token_ids)
+        sub = batch.select(rows)
         with torch.no_grad():
             teacher_logits = ctx.forward(sub, model=self.teacher).logits
         index = torch.tensor(rows, device=outputs.logits.device, dtype=torch.long)
@@ -379,10 +349,10 @@ class MoInCL(Strategy):
         temperature = self.config.temperature
         n_p = len(pseudo)
         if pseudo:
-            kd = distillation_loss(student_logits[:n_p], teacher_logits[:n_p], sub["labels"][:n_p], temperature)
+            kd = distillation_loss(student_logits[:n_p], teacher_logits[:n_p], sub.labels[:n_p], temperature)
             total = total + self.config.lambda_kl * kd
         if ikd:
-            mask = sub["attention_mask"][n_p:]
+            mask = sub.attention_mask[n_p:]
             labels = torch.full_like(mask, -100)  # position j counts iff it is a real token: labels[j + 1] != -100
             labels[:, 1:] = torch.where(mask[:, :-1] == 1, 0, -100)
             total = total + distillation_loss(student_logits[n_p:], teacher_logits[n_p:], labels, temperature)
@@ -404,9 +374,10 @@ class MoInCL(Strategy):
         if self.teacher is None or alpha is None or alpha == 1.0:
             return
         old = dict(self.teacher.named_parameters())
+        language = ctx.model.language_model_parameter_names()
         with torch.no_grad():
             for name, p in ctx.trainable_parameters():
-                if name.startswith("language_model.") and name in old and old[name].shape == p.shape:
+                if name in language and name in old and old[name].shape == p.shape:
                     p.lerp_(old[name].to(p.dtype), 1.0 - alpha)  # p + (1-α)(old - p) = (1-α)·old + α·p
 
     def on_epoch_end(self, ctx: Context) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmcl.seeding import task_seed
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.registry import register_strategy
 
@@ -50,7 +51,6 @@ class Rehearsal(Strategy):
     Config = RehearsalOptions
 
     def train_examples(self, ctx: Context, examples: list[Example]) -> list[Example]:
-        from mmcl.engine.loop import task_seed
 
         g = torch.Generator().manual_seed(task_seed(ctx.seed, ctx.task_index, purpose=_PURPOSE))
         out = list(examples)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from mmcl.seeding import task_seed
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.registry import register_strategy
 
@@ -102,7 +103,6 @@ class Replay(Strategy):
         return list(examples) + replayed
 
     def on_task_end(self, ctx: Context) -> None:
-        from mmcl.engine.loop import task_seed
 
         task = ctx.task.name
         ids = [e.id for e in ctx.train_examples(task)]

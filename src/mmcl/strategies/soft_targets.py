@@ -11,6 +11,7 @@ from mmcl.strategies.base import Strategy
 from mmcl.strategies.registry import register_strategy
 
 if TYPE_CHECKING:
+    from mmcl.data.batching import Batch
     from mmcl.engine.context import Context
 
 
@@ -59,5 +60,5 @@ class SoftTargets(Strategy):
     Config = SoftTargetsOptions
     replaces_task_loss = True
 
-    def task_loss(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor:
-        return soft_target_loss_sum(outputs.logits, batch["labels"], self.config.alpha)
+    def task_loss(self, ctx: Context, batch: Batch, outputs: Any) -> torch.Tensor:
+        return soft_target_loss_sum(outputs.logits, batch.labels, self.config.alpha)
