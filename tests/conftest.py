@@ -82,11 +82,42 @@ def micro_overrides(micro_world, micro_model, tmp_path):
     return make
 
 
-def _sub_stream(world: Path, tasks: list[str], where: Path) -> Path:
+@pytest.fixture(scope="session")
+def hf_checkpoints() -> dict[str, Path]:
+    """Tiny random checkpoints of every native family (tests/tiny_hf), saved once per session as a user saves them."""
+    from tiny_hf import BUILDERS
+
+    root = Path(_HOME) / "hf-checkpoints"
+    return {family: build(root / family) for family, build in BUILDERS.items()}
+
+
+BACKENDS = ["mmcl", "llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "blip-2",
+            "instructblip", "qwen2_audio"]
+"""Every backend: the built-in composition ("mmcl", the micro model) and each native Hugging Face family."""
+AUDIO_TASKS = ["audio_qa", "audio_cap"]
+
+
+@pytest.fixture
+def backend_overrides(micro_world, hf_checkpoints, tmp_path):
+    """Overrides that put a run of `micro_overrides` on another backend: its tiny checkpoint, and for a family that
+    reads only audio, the micro world's audio tasks instead of the image ones."""
+
+    def make(backend: str, tasks: int = 2) -> list[str]:
+        if backend == "mmcl":
+            return []
+        out = [f"model.path={hf_checkpoints[backend]}"]
+        if backend == "qwen2_audio":
+            out.append(f"data.stream={_sub_stream(micro_world, AUDIO_TASKS[:tasks], tmp_path, 'audio')}")
+        return out
+
+    return make
+
+
+def _sub_stream(world: Path, tasks: list[str], where: Path, label: str = "image") -> Path:
     """A stream file naming the first few tasks of the micro world, with one retention task."""
     import yaml
 
-    path = where / f"stream-{len(tasks)}.yaml"
+    path = where / f"stream-{label}-{len(tasks)}.yaml"
     path.write_text(yaml.safe_dump({
         "name": f"micro-{len(tasks)}",
         "tasks": [str(world / "tasks" / t) for t in tasks],

@@ -117,6 +117,20 @@ def computed_state(ckpt: Path) -> dict:
             "losses": cost["losses"], "counts": [cost["steps"], cost["samples"], cost["skipped_steps"]]}
 
 
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two finished runs computed the same thing: final checkpoint tensors (weights, strategy state), state, matrix,
+    losses; bitwise."""
+    ca, cb = latest(a), latest(b)
+    assert ca.name == cb.name
+    ta, tb = tensors_of(ca), tensors_of(cb)
+    assert ta.keys() == tb.keys()
+    for group in ta:
+        assert_tensors_equal(ta[group], tb[group], f"{group}.safetensors")
+    assert computed_state(ca) == computed_state(cb)
+    for f in ("matrix.json", "losses.json"):
+        assert json.loads((a / f).read_text()) == json.loads((b / f).read_text()), f
+
+
 def probe_seen(ckpt: Path) -> list:
     return json.loads((ckpt / "state.json").read_text())["strategies"][PROBE]["seen"]
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from reliability_support import (
     PROBE,
+    assert_same_run,
     assert_no_partial_checkpoints,
     assert_tensors_equal,
-    computed_state,
     latest,
     probe,  # noqa: F401  (fixture)
     probe_seen,
@@ -74,20 +74,6 @@ def die_at_row(monkeypatch, row: int):
 
     monkeypatch.setattr(loop, "evaluate_row", dying)
     return real
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Two finished runs computed the same thing: final checkpoint tensors (weights, strategy state), state, matrix,
-    losses; bitwise."""
-    ca, cb = latest(a), latest(b)
-    assert ca.name == cb.name
-    ta, tb = tensors_of(ca), tensors_of(cb)
-    assert ta.keys() == tb.keys()
-    for group in ta:
-        assert_tensors_equal(ta[group], tb[group], f"{group}.safetensors")
-    assert computed_state(ca) == computed_state(cb)
-    for f in ("matrix.json", "losses.json"):
-        assert json.loads((a / f).read_text()) == json.loads((b / f).read_text()), f
 
 
 # -- 1. task-boundary resume, every registered strategy ---------------------------------------------------------------

@@ -13,8 +13,8 @@ from torch import nn
 
 from mmcl.engine.hooks import StrategyError
 from mmcl.config import StrategySpec
-from mmcl.engine import loop
-from mmcl.engine.train import fit, token_cross_entropy_sum
+from mmcl.engine.train import fit
+from mmcl.models.losses import token_cross_entropy_sum
 from mmcl.strategies import build_strategies
 from mmcl.strategies.ema import EMA, EMAOptions
 from mmcl.strategies.freeze import decoder_layers

@@ -25,6 +25,8 @@ from mmcl.models.losses import token_cross_entropy_sum
 from mmcl.strategies import Strategy, build_strategies, list_strategies, register_strategy
 from mmcl.strategies.registry import _REGISTRY
 
+from conftest import AUDIO_TASKS, BACKENDS
+
 pytestmark = pytest.mark.integration
 
 # name -> how to run it: its options, and partners listed before it (a strategy with supports_full=False needs an
@@ -69,11 +71,15 @@ def fast_engine(monkeypatch) -> None:
     monkeypatch.setattr(gc, "collect", lambda *a, **k: 0)
 
 
-def overrides_for(micro_overrides, run_name: str, strategy: str, tasks: int = 2, **extra) -> list[str]:
+def overrides_for(micro_overrides, run_name: str, strategy: str, tasks: int = 2, backend: list[str] | None = None,
+                  **extra) -> list[str]:
+    """A fast run of `strategy` (with its CASES partners and options) on the micro stream; `backend` overrides
+    (conftest's `backend_overrides`) move it onto another model family."""
     case = CASES[strategy]
     names = [*case.get("before", []), strategy]
     opts = {f"strategies.{strategy}.{k}": v for k, v in case.get("options", {}).items()}
-    return micro_overrides(run_name, tasks=tasks, strategies=f"[{','.join(names)}]", **FAST, **opts, **extra)
+    return micro_overrides(run_name, tasks=tasks, strategies=f"[{','.join(names)}]", **FAST, **opts,
+                           **extra) + (backend or [])
 
 
 def engine_objects(overrides: list[str]) -> tuple[Context, list[Strategy]]:
@@ -121,13 +127,18 @@ def test_every_registered_strategy_has_a_contract_case():
 
 
 @pytest.mark.parametrize("name", list_strategies())
-def test_strategy_contract(name, micro_overrides, monkeypatch, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strategy_contract(backend, name, micro_overrides, backend_overrides, monkeypatch, tmp_path):
+    """Every strategy on every backend (the built-in composition and each native Hugging Face family): finite
+    gradients for every trainable parameter, two tasks through the real engine with the same losses per seed, and
+    a state round trip. A strategy a backend cannot serve must be refused before training instead."""
     if name not in CASES:
         pytest.fail(f"no CASES row for {name!r}")
     fast_engine(monkeypatch)
+    on = backend_overrides(backend)
 
     # 1. every trainable parameter gets a finite gradient
-    ctx, strategies = engine_objects(overrides_for(micro_overrides, f"{name}-g", name))
+    ctx, strategies = engine_objects(overrides_for(micro_overrides, f"{name}-g", name, backend=on))
     trainable = ctx.trainable_parameters()
     assert trainable
     one_backward(ctx, strategies)
@@ -142,12 +153,12 @@ def test_strategy_contract(name, micro_overrides, monkeypatch, tmp_path):
         return built[-1]
 
     monkeypatch.setattr(setup, "build_strategies", capture)
-    dirs = [loop.run(load_config(None, overrides_for(micro_overrides, f"{name}-0", name)), **QUIET)]
+    dirs = [loop.run(load_config(None, overrides_for(micro_overrides, f"{name}-0", name, backend=on)), **QUIET)]
     # the repeat only compares losses and state: skip its evaluation
     monkeypatch.setattr(loop, "evaluate_row", lambda ctx, row, progress: {t.name: 0.0 for t in ctx.stream.tasks})
-    dirs.append(loop.run(load_config(None, overrides_for(micro_overrides, f"{name}-1", name)), **QUIET))
+    dirs.append(loop.run(load_config(None, overrides_for(micro_overrides, f"{name}-1", name, backend=on)), **QUIET))
     losses = [json.loads((d / "losses.json").read_text()) for d in dirs]
-    assert list(losses[0]) == ["color_qa", "shape_cls"]
+    assert list(losses[0]) == (AUDIO_TASKS if backend == "qwen2_audio" else ["color_qa", "shape_cls"])
     assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in losses[0].values())
     assert losses[0] == losses[1], "the same seed gave different losses"
 

@@ -10,6 +10,7 @@ import torch
 
 from mmcl.data.records import Task
 from mmcl.engine.context import Context
+from mmcl.engine.cost import Cost
 from mmcl.engine.train import FitResult, StepHooks
 
 

@@ -6,16 +6,14 @@ signals and scoring live in their own modules beside this one.
 from __future__ import annotations
 
 import json
-import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from mmcl.config import RunConfig
 from mmcl.engine import checkpoint as ck
 from mmcl.engine.context import Context
+from mmcl.engine.cost import Cost, peak_memory_bytes
 from mmcl.engine.evaluation import EarlyStopping, evaluate_row
 from mmcl.engine.resume import check_resume_config, optimizer_state, restore, resume_point
 from mmcl.engine.setup import build_context, make_accelerator
@@ -26,35 +24,6 @@ from mmcl.models.builder import count_parameters
 from mmcl.seeding import SEED_BATCH_ORDER, seed_everything, task_seed
 
 __all__ = ["run", "build_context", "PREEMPTED_EXIT_CODE", "Cost"]
-
-
-@dataclass
-class Cost:
-    wall_time_s: float = 0.0
-    train_time_s: float = 0.0
-    eval_time_s: float = 0.0
-    steps: int = 0
-    samples: int = 0
-    skipped_steps: int = 0
-    trainable_parameters: int = 0
-    total_parameters: int = 0
-    extra_state_bytes: int = 0
-    peak_memory_bytes: int = 0
-    early_stopping: dict[str, dict] = field(default_factory=dict)
-    """Per task with early stopping: validation score after each epoch, the best epoch (kept), epochs trained."""
-    losses: dict[str, list[float]] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "losses"}
-        d["time_per_step_s"] = self.train_time_s / self.steps if self.steps else None
-        d["samples_per_s"] = self.samples / self.train_time_s if self.train_time_s else None
-        return d
-
-
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True, log=print) -> Path:

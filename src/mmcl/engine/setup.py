@@ -99,7 +99,8 @@ def build_context(
             "with those encoders (the built-in tiny model reads image, audio and video; "
             "mmcl.models.builder.assemble_model composes one from Hugging Face parts)"
         )
-    check_composition(strategies, modalities=modalities, num_processes=accelerator.num_processes)
+    check_composition(strategies, modalities=modalities, num_processes=accelerator.num_processes,
+                      model_capabilities=model.capabilities, backend=model.family)
     check_task_options(strategies, [t.name for t in stream.tasks])
     no_mid = [s.name for s in strategies if not s.supports_mid_task_resume]
     if cfg.checkpoint.every_steps and no_mid:

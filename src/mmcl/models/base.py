@@ -87,6 +87,11 @@ class MLLM(nn.Module):
     separable_projector: ClassVar[bool] = True
     """The projector of each modality is its own module (EProj-style strategies need it)."""
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What strategies may ask of this model beyond the common surface (see `Strategy.requires_model`)."""
+        return frozenset({"separable_projector"}) if self.separable_projector else frozenset()
+
     def parts(self) -> dict[str, dict[str, nn.Module]]:
         """`encoders`, `projectors`, `language_model`: name (modality for encoders/projectors) -> module."""
         raise NotImplementedError

@@ -17,7 +17,7 @@ from mmcl.models.losses import token_cross_entropy_sum
 from mmcl.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from mmcl.data.batching import Example
+    from mmcl.data.batching import Batch, Example
     from mmcl.engine.context import Context
 
 Kind = Literal["ewc", "mas"]

@@ -52,6 +52,10 @@ class Strategy:
     supports_mid_task_resume: ClassVar[bool] = True
     """Its state_dict captures everything, so a run can resume inside a task (not so for a task-start teacher)."""
 
+    requires_model: ClassVar[frozenset[str]] = frozenset()
+    """Model capabilities it needs (`MLLM.capabilities`, e.g. "separable_projector"); a backend without them is
+    refused before training."""
+
     task_options: ClassVar[frozenset[str]] = frozenset()
     """Options that may take another value for a given task (`per_task`); the others are read once."""
 

@@ -75,7 +75,8 @@ def check_task_options(strategies: Sequence[Strategy], task_names: Sequence[str]
                               f"its tasks: {', '.join(task_names)}")
 
 
-def check_composition(strategies: Sequence[Strategy], *, modalities: set[str], num_processes: int = 1) -> None:
+def check_composition(strategies: Sequence[Strategy], *, modalities: set[str], num_processes: int = 1,
+                      model_capabilities: frozenset[str] | None = None, backend: str = "") -> None:
     """Refuse, before training, a combination the engine cannot run; the message says why and what to do."""
     names = [s.name for s in strategies]
     peft = [s.name for s in strategies if s.provides_peft]
@@ -95,6 +96,12 @@ def check_composition(strategies: Sequence[Strategy], *, modalities: set[str], n
         if num_processes > 1 and not s.supports_distributed:
             raise ConfigError(
                 f"strategies: {s.name!r} does not support distributed training yet; run it in one process"
+            )
+        missing = s.requires_model - model_capabilities if model_capabilities is not None else frozenset()
+        if missing:
+            raise ConfigError(
+                f"strategies: {s.name!r} needs a model with {', '.join(sorted(missing))}, which the {backend or 'chosen'} "
+                "backend does not have; use another model family (e.g. LLaVA or the built-in composition) or strategy"
             )
         if s.modalities is not None and not modalities <= s.modalities:
             raise ConfigError(
