@@ -1,5 +1,6 @@
 """Test hygiene and shared fixtures: offline, temporary caches, a micro world and a micro base model (built once
-per session in a few seconds, from the same code `mmcl pretrain` runs)."""
+per session in a few seconds, from the same code `mmcl pretrain` runs). Shared helpers that are not fixtures live in
+support.py; test modules import them from there, never from here."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def micro_model(micro_world) -> Path:
 @pytest.fixture
 def micro_overrides(micro_world, micro_model, tmp_path):
     """Overrides that run the micro stream (3 tasks) on the micro model into tmp_path, fast."""
+    from support import stream_file
 
     def make(name: str = "run", tasks: int = 3, **extra) -> list[str]:
         order = ["color_qa", "shape_cls", "count", "ocr", "mcq", "grounding", "caption"]
@@ -76,7 +78,7 @@ def micro_overrides(micro_world, micro_model, tmp_path):
             "eval.max_new_tokens=6",
         ]
         if tasks < 7:
-            o.append(f"data.stream={_sub_stream(micro_world, order[:tasks], tmp_path)}")
+            o.append(f"data.stream={stream_file(micro_world, order[:tasks], tmp_path)}")
         return o + [f"{k}={v}" for k, v in extra.items()]
 
     return make
@@ -91,36 +93,33 @@ def hf_checkpoints() -> dict[str, Path]:
     return {family: build(root / family) for family, build in BUILDERS.items()}
 
 
-BACKENDS = ["mmcl", "llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "blip-2",
-            "instructblip", "qwen2_audio"]
-"""Every backend: the built-in composition ("mmcl", the micro model) and each native Hugging Face family."""
-AUDIO_TASKS = ["audio_qa", "audio_cap"]
-
-
 @pytest.fixture
 def backend_overrides(micro_world, hf_checkpoints, tmp_path):
     """Overrides that put a run of `micro_overrides` on another backend: its tiny checkpoint, and for a family that
     reads only audio, the micro world's audio tasks instead of the image ones."""
+    from support import AUDIO_TASKS, stream_file
 
     def make(backend: str, tasks: int = 2) -> list[str]:
         if backend == "mmcl":
             return []
         out = [f"model.path={hf_checkpoints[backend]}"]
         if backend == "qwen2_audio":
-            out.append(f"data.stream={_sub_stream(micro_world, AUDIO_TASKS[:tasks], tmp_path, 'audio')}")
+            out.append(f"data.stream={stream_file(micro_world, AUDIO_TASKS[:tasks], tmp_path, 'audio')}")
         return out
 
     return make
 
 
-def _sub_stream(world: Path, tasks: list[str], where: Path, label: str = "image") -> Path:
-    """A stream file naming the first few tasks of the micro world, with one retention task."""
-    import yaml
+@pytest.fixture
+def probe():
+    """Register the test-only probe strategy (support.Probe) for one test, with the plan it follows, and remove it
+    afterwards: it is never registered at import, so the registry-wide contract test does not see it."""
+    from support import PROBE, Probe
 
-    path = where / f"stream-{label}-{len(tasks)}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": f"micro-{len(tasks)}",
-        "tasks": [str(world / "tasks" / t) for t in tasks],
-        "retention": [str(world / "tasks" / "lang_arith")],
-    }))
-    return path
+    from mmcl.strategies.registry import _REGISTRY, register_strategy
+
+    Probe.plan, Probe.instances = {}, []
+    register_strategy(PROBE)(Probe)
+    yield Probe
+    _REGISTRY.pop(PROBE, None)
+    Probe.plan, Probe.instances = {}, []

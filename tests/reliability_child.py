@@ -2,7 +2,7 @@
 
   RELIABILITY_AUDIT_DIR   log, per rank, every file this process creates, writes, renames or removes (a Python
                           audit hook), to check that only rank 0 writes a run's shared files
-  RELIABILITY_PLAN        a JSON plan for the probe strategy (see reliability_support.Probe), applied on the rank
+  RELIABILITY_PLAN        a JSON plan for the probe strategy (see support.Probe), applied on the rank
                           named by its "rank" key only, e.g. {"rank": 1, "fail": {"hook": ..., "task": 0, "step": 1}}
 
 Launched as `python -m torch.distributed.run --nproc_per_node=2 tests/reliability_child.py run ...`; everything
@@ -37,7 +37,7 @@ def _audit(log_path: Path) -> None:
 
 
 def main() -> int:
-    from reliability_support import PROBE, Probe
+    from support import PROBE, Probe
 
     from mmcl.strategies import register_strategy
 

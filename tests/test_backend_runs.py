@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_support import assert_same_run
-from test_strategy_contract import QUIET, fast_engine
+from support import QUIET, assert_same_run, fast_engine, stream_file
 
-from conftest import _sub_stream
 from mmcl.cli import main
 from mmcl.config import load_config
 from mmcl.engine import loop
@@ -38,10 +36,10 @@ def stream_for(family: str, world: Path, where: Path) -> Path:
     """Two tasks in the modalities the family reads (image, plus video where it reads video; audio for
     Qwen2-Audio) and a text-only retention task."""
     if family == "qwen2_audio":
-        return _sub_stream(world, ["audio_qa", "audio_cap"], where, "audio")
+        return stream_file(world, ["audio_qa", "audio_cap"], where, "audio")
     if family in READS_VIDEO:
-        return _sub_stream(world, ["color_qa", "video_qa"], where, "video")
-    return _sub_stream(world, ["color_qa", "shape_cls"], where, "image")
+        return stream_file(world, ["color_qa", "video_qa"], where, "video")
+    return stream_file(world, ["color_qa", "shape_cls"], where, "image")
 
 
 def files_of(directory: Path) -> dict[str, bytes]:

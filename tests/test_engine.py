@@ -184,12 +184,13 @@ def test_unknown_strategy_and_bad_composition_are_refused_before_training(micro_
 
 
 def test_stream_runs_from_a_saved_llava_checkpoint(micro_overrides, micro_model, tmp_path):
-    from test_models import _tiny_llava
     from transformers import AutoTokenizer
+
+    from support import tiny_llava
 
     tok = AutoTokenizer.from_pretrained(micro_model / "tokenizer")
     llava_dir = tmp_path / "llava-tiny"
-    _tiny_llava(tok, -1, "default").save_pretrained(llava_dir)
+    tiny_llava(tok, -1, "default").save_pretrained(llava_dir)
     tok.save_pretrained(llava_dir)
     before = {p.name: p.read_bytes() for p in llava_dir.iterdir()}
 

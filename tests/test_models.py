@@ -20,6 +20,7 @@ from mmcl.models.loading import load_backend
 from mmcl.models.mllm import ModalitySpec
 from mmcl.models.tiny import TinySizes, build_tiny
 from mmcl.models.tokenizer import ConversationFormat, train_bpe_tokenizer
+from support import tiny_llava
 
 SIZES = TinySizes(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32, vision_layers=1)
 N_IMAGE = (32 // 8) ** 2  # placeholder positions per image for SIZES
@@ -336,39 +337,9 @@ def test_save_load_round_trip_gives_identical_logits(tokenizer, tiny, tmp_path: 
     assert not torch.equal(a[:, -3:], text_only)  # the image does reach the logits
 
 
-def _tiny_llava(tokenizer, feature_layer: int, select: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=feature_layer,
-        vision_feature_select_strategy=select,
-    )
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(cfg).eval()
-
-
 @pytest.mark.parametrize("feature_layer, select", [(-1, "default"), (-2, "default"), (-2, "full")])
 def test_llava_checkpoint_maps_exactly_onto_the_composition(tokenizer, tmp_path: Path, feature_layer, select) -> None:
-    llava = _tiny_llava(tokenizer, feature_layer, select)
+    llava = tiny_llava(tokenizer, feature_layer, select)
     llava.save_pretrained(tmp_path / "llava")
     tokenizer.save_pretrained(tmp_path / "llava")
 
@@ -406,7 +377,7 @@ class _Payload:
 
 
 def test_llava_dir_with_only_a_pickle_is_refused(tokenizer, tmp_path: Path) -> None:
-    llava = _tiny_llava(tokenizer, -1, "default")
+    llava = tiny_llava(tokenizer, -1, "default")
     d = tmp_path / "pickled"
     llava.config.save_pretrained(d)
     tokenizer.save_pretrained(d)

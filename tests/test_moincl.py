@@ -23,24 +23,14 @@ from mmcl.eval.generate import generate_answers
 from mmcl.strategies import build_strategies, get_strategy
 from mmcl.strategies.lwf import distillation_loss
 from mmcl.strategies.moincl import IKD_PREFIX, MoInCL, MoInCLOptions, load_instructions
+from support import QUIET, stream_file
 
-QUIET = dict(progress=False, log=lambda *a: None)
 FAST = {"train.max_steps": 2, "data.test_limit": 2, "eval.max_new_tokens": 2, "eval.retention": "false"}
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-def stream_file(world: Path, tasks: list[str], where: Path) -> Path:
-    path = where / f"stream-{'-'.join(tasks)}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "moincl-micro",
-        "tasks": [str(world / "tasks" / t) for t in tasks],
-        "retention": [str(world / "tasks" / "lang_arith")],
-    }))
-    return path
 
 
 @pytest.fixture

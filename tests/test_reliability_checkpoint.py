@@ -11,14 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_support import assert_no_partial_checkpoints, latest
-from test_strategy_contract import fast_engine, overrides_for
+from support import QUIET, assert_no_partial_checkpoints, fast_engine, latest, overrides_for
 
 from mmcl.config import load_config
 from mmcl.engine import checkpoint as ck
 from mmcl.engine import loop
-
-QUIET = dict(progress=False, log=lambda *a: None)
 
 
 def save(root: Path, name: str, order: int, value: float = 1.0) -> Path:

@@ -1,7 +1,7 @@
 """Reliability under faults inside a run (docs/reliability.md, promises 6, 7, 9, 10, 13): seeds, non-finite losses,
 SIGTERM, exceptions in strategy hooks, media paths that leave the data root.
 
-Faults are injected by the test-only `Probe` strategy (tests/reliability_support.py) at a chosen task and step.
+Faults are injected by the test-only `Probe` strategy (tests/support.py) at a chosen task and step.
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_support import (
+from support import (
+    FAST,
     PROBE,
+    QUIET,
     assert_no_partial_checkpoints,
     assert_tensors_equal,
+    fast_engine,
     latest,
-    probe,  # noqa: F401  (fixture)
     probe_seen,
     tensors_of,
 )
-from test_strategy_contract import FAST, QUIET, fast_engine
 
 from mmcl.engine.hooks import StrategyError
 from mmcl.cli import main

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_support import PROBE, assert_no_partial_checkpoints, latest, tensors_of
-from test_strategy_contract import FAST, QUIET, fast_engine
+from support import FAST, PROBE, QUIET, assert_no_partial_checkpoints, fast_engine, latest, stream_file, tensors_of
 
 from mmcl.cli import main
 from mmcl.config import load_config
@@ -135,8 +134,6 @@ def test_moincl_in_two_processes_makes_the_same_pseudo_examples_on_every_rank(mi
     """Every rank generates the same pseudo examples (greedy teacher, seeded choice of inputs), so with its
     distillation terms off MoInCL trains in two processes like in one; with everything on (PTGM, KD on pseudo rows,
     IKD rows sampled per rank, fusion after the epoch) both ranks run the stream to the end."""
-    from test_moincl import stream_file
-
     stream = stream_file(micro_world, ["caption", "color_qa"], tmp_path)  # task 2 is QA after captioning: PTGM
     fast_engine(monkeypatch)
     for name, options in (("ptgm", ["strategies.moincl.ikd=false", "strategies.moincl.lambda_kl=0"]),

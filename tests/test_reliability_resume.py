@@ -15,17 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_support import (
+from support import (
+    CASES,
     PROBE,
-    assert_same_run,
+    QUIET,
     assert_no_partial_checkpoints,
+    assert_same_run,
     assert_tensors_equal,
+    fast_engine,
     latest,
-    probe,  # noqa: F401  (fixture)
+    overrides_for,
     probe_seen,
     tensors_of,
 )
-from test_strategy_contract import CASES, QUIET, fast_engine, overrides_for
 
 from mmcl.engine.hooks import StrategyError
 from mmcl.config import load_config
@@ -85,7 +87,7 @@ def test_boundary_resume_is_bitwise_exact_for_every_strategy(name, micro_overrid
     state, strategy state (importance, EMA weights, replay memory, ...), losses and accuracy matrix as a run that
     was never interrupted."""
     if name not in CASES:
-        pytest.fail(f"no CASES row for {name!r} in tests/test_strategy_contract.py")
+        pytest.fail(f"no CASES row for {name!r} in tests/support.py")
     fast_engine(monkeypatch)
     optimizers = record_optimizers(monkeypatch)
     full = loop.run(load_config(None, overrides_for(micro_overrides, f"{name}-full", name)), **QUIET)

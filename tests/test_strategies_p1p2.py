@@ -22,7 +22,7 @@ from mmcl.strategies.ia3 import IA3Options
 from mmcl.strategies.llaca import LLaCA, LLaCAOptions, ema_weight
 from mmcl.strategies.rehearsal import RehearsalOptions, rehearsal_count
 from mmcl.strategies.soft_targets import SoftTargetsOptions, soft_target_loss_sum
-from test_strategy_contract import engine_objects
+from support import engine_objects
 
 
 @pytest.fixture(autouse=True)

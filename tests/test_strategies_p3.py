@@ -25,8 +25,8 @@ from mmcl.strategies._importance import (
 )
 from mmcl.strategies.lwf import LwFOptions, distillation_loss
 from mmcl.strategies.replay import ReplayOptions, quotas, reservoir_offer
+from support import QUIET
 
-QUIET = dict(progress=False, log=lambda *a: None)
 FAST = {"train.max_steps": 2, "data.test_limit": 2, "eval.max_new_tokens": 2, "eval.retention": "false"}
 
 

@@ -2,7 +2,7 @@
 every trainable parameter with a finite gradient, round-trips its state through safetensors, and is
 deterministic under a fixed seed. Plus the exact order in which the engine calls the hooks.
 
-A new strategy must add a row to CASES (a test fails until it does)."""
+A new strategy must add a row to CASES in tests/support.py (a test fails until it does)."""
 
 from __future__ import annotations
 
@@ -15,80 +15,23 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import mmcl.report
-from mmcl.seeding import seed_everything
 from mmcl.engine.setup import build_context
 from mmcl.config import ConfigError, load_config
 from mmcl.engine import loop, setup
 from mmcl.engine.context import Context
 from mmcl.models.losses import token_cross_entropy_sum
-from mmcl.strategies import Strategy, build_strategies, list_strategies, register_strategy
+from mmcl.strategies import Strategy, build_strategies, get_strategy, list_strategies, register_strategy
 from mmcl.strategies.registry import _REGISTRY
 
-from conftest import AUDIO_TASKS, BACKENDS
+from support import AUDIO_TASKS, BACKENDS, CASES, FAST, QUIET, engine_objects, fast_engine, overrides_for
 
 pytestmark = pytest.mark.integration
-
-# name -> how to run it: its options, and partners listed before it (a strategy with supports_full=False needs an
-# adapter; llaca is run as P2 runs it, on a carried LoRA).
-CASES: dict[str, dict] = {
-    "sequential": {},
-    "joint": {},
-    "lora": {"options": {"r": 4}},
-    "ia3": {},
-    "soft_targets": {"options": {"alpha": 0.1}},
-    "freeze_last_block": {},
-    "freeze_output_embedding": {},
-    "rehearsal": {"options": {"fraction": 0.25}},
-    "ema": {"options": {"beta": 0.9}},
-    "llaca": {"before": ["lora"], "options": {"k": 2.0, "base": 0.01}},
-    "ewc": {},
-    "mas": {},
-    "lwf": {},
-    "replay": {},
-    "moincl": {},
-}
-
-QUIET = dict(progress=False, log=lambda *a: None)
-# Small and fast: 8 training records, 2 steps of 4 per task, 1 test record, 1 generated token, no retention task.
-FAST = {"data.train_limit": 8, "train.batch_size": 4, "train.max_steps": 2, "data.test_limit": 1,
-        "eval.max_new_tokens": 1, "eval.retention": "false"}
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Micro models run fastest on one thread; with several, OpenMP spin-waits dominate on a busy machine (the
     conftest fixture restores the thread count afterwards)."""
     torch.set_num_threads(1)
-
-
-def fast_engine(monkeypatch) -> None:
-    """Skip what these tests do not look at and what dominates a micro run: the report's plots, and the full
-    garbage collection accelerate's free_memory runs after each task (~0.5 s in a large test process)."""
-    import gc
-
-    monkeypatch.setattr(mmcl.report, "write_report", lambda run_dir: None)
-    monkeypatch.setattr(gc, "collect", lambda *a, **k: 0)
-
-
-def overrides_for(micro_overrides, run_name: str, strategy: str, tasks: int = 2, backend: list[str] | None = None,
-                  **extra) -> list[str]:
-    """A fast run of `strategy` (with its CASES partners and options) on the micro stream; `backend` overrides
-    (conftest's `backend_overrides`) move it onto another model family."""
-    case = CASES[strategy]
-    names = [*case.get("before", []), strategy]
-    opts = {f"strategies.{strategy}.{k}": v for k, v in case.get("options", {}).items()}
-    return micro_overrides(run_name, tasks=tasks, strategies=f"[{','.join(names)}]", **FAST, **opts,
-                           **extra) + (backend or [])
-
-
-def engine_objects(overrides: list[str]) -> tuple[Context, list[Strategy]]:
-    """The context and strategies exactly as `loop.run` builds them, up to and including prepare_model."""
-    cfg = load_config(None, overrides)
-    seed_everything(cfg.seed)
-    ctx, strategies, _ = build_context(cfg, log=QUIET["log"])
-    strategies.prepare_model(ctx)
-    return ctx, strategies
 
 
 def one_backward(ctx: Context, strategies: list[Strategy]) -> None:
@@ -123,7 +66,7 @@ def _roundtrip(strategy: Strategy, where: Path) -> None:
 
 def test_every_registered_strategy_has_a_contract_case():
     missing = [n for n in list_strategies() if n not in CASES]
-    assert not missing, f"add a row to CASES in {__file__} for {missing}"
+    assert not missing, f"add a row to CASES in {Path(__file__).with_name('support.py')} for {missing}"
 
 
 @pytest.mark.parametrize("name", list_strategies())
@@ -136,12 +79,17 @@ def test_strategy_contract(backend, name, micro_overrides, backend_overrides, mo
         pytest.fail(f"no CASES row for {name!r}")
     fast_engine(monkeypatch)
     on = backend_overrides(backend)
+    needs = get_strategy(name).requires_model
+    if needs and backend != "mmcl":  # only the composition has what such a strategy needs (routable projectors)
+        with pytest.raises(ConfigError, match=f"'{name}' cannot run on the {backend} backend: it needs"):
+            engine_objects(overrides_for(micro_overrides, f"{name}-refused", name, backend=on))
+        return
 
     # 1. every trainable parameter gets a finite gradient
     ctx, strategies = engine_objects(overrides_for(micro_overrides, f"{name}-g", name, backend=on))
-    trainable = ctx.trainable_parameters()
-    assert trainable
     one_backward(ctx, strategies)
+    trainable = ctx.trainable_parameters()  # as the task trains them (a strategy may choose them at task start)
+    assert trainable
     bad = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not bad, f"no or non-finite gradient: {bad[:5]}"
 

@@ -87,6 +87,57 @@ def pretrain_vision(model, records, media, steps: int, *, seed: int, batch_size:
     return float(loss.detach())
 
 
+def save_base(model, tokenizer, out: Path, info: dict) -> None:
+    """An mmcl model directory with `info` in pretrain.json, written to a temporary directory and renamed, so a
+    crash never leaves a half-written base model."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_model(model.cpu(), tokenizer, tmp, extra={"pretrain": info})
+        (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def instruction_tune(base: Path, world: Path, out: Path, tasks: list[str], cfg: TrainConfig | None = None, *,
+                     seed: int = 0, progress: bool = True, log=print) -> Path:
+    """P3's multi-task instruction-tuned base (InstructBLIP vs BLIP-2): `base` trained jointly on the world tasks
+    `tasks` (which must not be the stream's), with the language skills mixed in as in alignment, saved to `out`."""
+    from mmcl.models.builder import load_model
+
+    cfg = cfg or TrainConfig(epochs=2, batch_size=32, lr=5e-4, warmup_ratio=0.05)
+    world, out = Path(world), Path(out)
+    index = json.loads((world / "world.json").read_text())
+    model, tokenizer = load_model(base)
+    processor = composition_processor(model, tokenizer)
+    media = MediaLoader(processor)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model.to(accelerator.device)
+    chosen = [load_task(world / "tasks" / t) for t in tasks]
+    text_tasks = [load_task(world / p) for p in index["pretrain"]["text"]]
+    examples = [e for t in chosen + text_tasks for e in encode_records(_records(t, "train"), processor, t.name)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for part in ("projectors", "language_model"):
+        for p in model.part_parameters(part):
+            p.requires_grad_(True)
+    log(f"instruction tuning on {', '.join(tasks)} (+ language skills): {len(examples)} records")
+    r = fit(model, examples, Collator(processor, media), cfg, accelerator, seed=seed, label="instruct",
+            progress=progress)
+    left = Collator(processor, media, left_pad=True)
+    scores = {t.name: round(evaluate_task(model, processor, left, t, _records(t, "test"), batch_size=128,
+                                          device=accelerator.device).score, 2) for t in chosen + text_tasks}
+    info = {"base": str(Path(base).resolve()), "instruct_tasks": tasks, "config": asdict(cfg), "scores": scores,
+            "steps": r.steps, "final_loss": r.losses[-1]}
+    save_base(model, tokenizer, out, info)
+    log("instruction-tuned base scores: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()))
+    return out
+
+
 def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progress: bool = True, log=print) -> Path:
     """Train the tiny base on `world` and save it to `out` (written to a temporary directory, then renamed)."""
     cfg = cfg or PretrainConfig()
@@ -142,16 +193,6 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
         "final_loss": {"language": r1.losses[-1], "align": r2.losses[-1]},
         "time_s": round(time.perf_counter() - t0, 1),
     }
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_model(model.cpu(), tokenizer, tmp, extra={"pretrain": info})
-        (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_base(model, tokenizer, out, info)
     log("base model scores: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()) + f" ({info['time_s']} s)")
     return out

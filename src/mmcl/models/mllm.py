@@ -154,6 +154,11 @@ class MultimodalLM(MLLM):
 
     family = "mmcl"
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """A separable projector per modality, called by mmcl itself (so it can be replaced by routed experts)."""
+        return frozenset({"separable_projector", "routable_projectors"})
+
     def __init__(
         self,
         language_model: PreTrainedModel,
@@ -215,9 +220,14 @@ class MultimodalLM(MLLM):
             feats = feats.reshape(clips[0], clips[1] * feats.shape[1], feats.shape[2])
         return feats
 
-    def encode(self, modality: str, media: torch.Tensor) -> torch.Tensor:
-        """Features of a batch of media items, shape (N, num_tokens, lm_hidden)."""
-        return self.projectors[modality](self.encoder_features(modality, media))
+    def encode(self, modality: str, media: torch.Tensor, route_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of a batch of media items, shape (N, num_tokens, lm_hidden). A routing projector (EProj's
+        experts, `routes`) also gets the token ids of the items' rows."""
+        projector = self.projectors[modality]
+        feats = self.encoder_features(modality, media)
+        if getattr(projector, "routes", False):
+            return projector(feats, route_ids=route_ids)
+        return projector(feats)
 
     def embed(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings with each modality's placeholder positions replaced by its projected features."""
@@ -225,8 +235,8 @@ class MultimodalLM(MLLM):
         for modality, values in (media or {}).items():
             if values is None or len(values) == 0:
                 continue
-            feats = self.encode(modality, values).to(embeds.dtype)
             mask = input_ids == self.token_ids[modality]
+            feats = self.encode(modality, values, route_ids=input_ids[mask.any(1)]).to(embeds.dtype)
             expected = int(mask.sum())
             if expected != feats.shape[0] * feats.shape[1]:
                 raise ValueError(

@@ -35,14 +35,15 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=_DPI, metadata=_PNG_METADATA)
 
 
-def _draw_cells(ax: Axes, values: np.ndarray, cmap: Colormap, vmax: float, font: float) -> AxesImage:
+def _draw_cells(ax: Axes, values: np.ndarray, cmap: Colormap, vmax: float, font: float,
+                digits: int = 1) -> AxesImage:
     """Heatmap with the number in each cell (dark text on light cells, white on dark ones)."""
     im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
     for (j, i), v in np.ndenumerate(values):
         if np.isnan(v):
             ax.text(i, j, "–", ha="center", va="center", color="#888888", fontsize=font)
         else:
-            ax.text(i, j, f"{v:.1f}", ha="center", va="center", fontsize=font,
+            ax.text(i, j, f"{v:.{digits}f}", ha="center", va="center", fontsize=font,
                     color="white" if v / vmax > 0.6 else "#1a1a1a")  # fmt: skip
     ax.set_xticks(range(values.shape[1]))
     ax.set_yticks(range(values.shape[0]))
@@ -91,6 +92,22 @@ def plot_matrix(matrix: dict, path: Path) -> None:
         fig.colorbar(im, ax=list(axes), label="score (higher is better)", shrink=0.9, pad=0.02)
         sep = " — " if width >= 9 else "\n"
         fig.suptitle(f"Accuracy matrix{sep}row = model after training; outlined = task just trained")
+        _save(fig, path)
+
+
+def plot_similarity(tasks: list[str], matrix: list[list[float]], path: Path) -> None:
+    """Heatmap of a task-similarity matrix (P3's S, in [0, 1], 1 on the diagonal)."""
+    values = np.asarray(matrix, dtype=float)
+    longest = max((len(n) for n in tasks), default=4)
+    side = 2.2 + 0.75 * max(len(tasks), 3)
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+        ax = fig.subplots()
+        im = _draw_cells(ax, values, matplotlib.colormaps["Blues"], 1.0, 9 if len(tasks) <= 8 else 8, digits=2)
+        ax.set_xticklabels(tasks, **_tick_style(longest))
+        ax.set_yticklabels(tasks)
+        fig.colorbar(im, ax=ax, label="similarity S (P3)", shrink=0.9, pad=0.02)
+        fig.suptitle("Task similarity")
         _save(fig, path)
 
 

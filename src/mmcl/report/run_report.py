@@ -20,6 +20,7 @@ import yaml
 
 from mmcl.eval.metrics import compute_metrics, matrix_from_json
 from mmcl.report.plots import plot_curves, plot_matrix
+from mmcl.report.strategy_sections import eproj_section, similarity_section
 from mmcl.report.tables import Table, fmt, matrix_table, metric_value, row_labels, summary_rows
 
 __all__ = ["write_report"]
@@ -248,6 +249,8 @@ def _blocks(run_dir: Path, matrix: dict, metrics: dict, cost: dict | None) -> li
         out.append(Block("table", cost_table))
     if isinstance((cost or {}).get("early_stopping"), dict) and cost["early_stopping"]:
         out += [Block("h2", "Early stopping"), Block("table", _early_stopping_table(cost["early_stopping"]))]
+    for kind, content in similarity_section(run_dir) + eproj_section(run_dir):
+        out.append(Block(kind, content, "task similarity heatmap" if kind == "img" else ""))
     row_name, predictions = _final_predictions(run_dir)
     if predictions:
         out.append(Block("h2", f"Example predictions ({row_name})"))

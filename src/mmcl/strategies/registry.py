@@ -75,6 +75,15 @@ def check_task_options(strategies: Sequence[Strategy], task_names: Sequence[str]
                               f"its tasks: {', '.join(task_names)}")
 
 
+CAPABILITIES = {
+    "separable_projector": "a projector module of its own per modality (Qwen2-VL's merger lives inside its vision "
+                           "tower)",
+    "routable_projectors": "projectors that mmcl calls itself, so each sample can be routed (the composition: "
+                           "`tiny`, mmcl model directories, or a LLaVA checkpoint with model.backend=composition)",
+}
+"""What each model capability a strategy may require (`Strategy.requires_model`) means, for refusal messages."""
+
+
 def check_composition(strategies: Sequence[Strategy], *, modalities: set[str], num_processes: int = 1,
                       model_capabilities: frozenset[str] | None = None, backend: str = "") -> None:
     """Refuse, before training, a combination the engine cannot run; the message says why and what to do."""
@@ -99,10 +108,8 @@ def check_composition(strategies: Sequence[Strategy], *, modalities: set[str], n
             )
         missing = s.requires_model - model_capabilities if model_capabilities is not None else frozenset()
         if missing:
-            raise ConfigError(
-                f"strategies: {s.name!r} needs a model with {', '.join(sorted(missing))}, which the {backend or 'chosen'} "
-                "backend does not have; use another model family (e.g. LLaVA or the built-in composition) or strategy"
-            )
+            why = "; ".join(CAPABILITIES.get(c, c) for c in sorted(missing))
+            raise ConfigError(f"strategies: {s.name!r} cannot run on the {backend or 'chosen'} backend: it needs {why}")
         if s.modalities is not None and not modalities <= s.modalities:
             raise ConfigError(
                 f"strategies: {s.name!r} handles {sorted(s.modalities)} but the stream has {sorted(modalities)}"
