@@ -1,19 +1,27 @@
-"""Training throughput: `mmcl.engine.train.fit` against a bare hand-written PyTorch loop.
+"""Training throughput: `mmcl.engine.train.fit` against a bare hand-written PyTorch loop, on every backend.
 
-Both run the same model (reset to the same weights before every run), the same TrainConfig, the same plan of global
-batches (`global_batches`) collated by the same `Collator`, and the same loss (token cross-entropy summed over the
-global batch's supervised tokens / their count), clipping, AdamW and LambdaLR schedule. After a warm-up of each, the
-two alternate for several rounds; the result is the median over rounds of the round's engine steps/s / bare steps/s,
-reported with the ratio of the medians of per-round steps/s, the spread, and steps per CPU-second.
-Both loops see identical batches from identical weights, so their per-step losses must agree: that is checked too.
+For each backend (the built-in composition and each native Hugging Face family, on its tiny model) both sides run
+the same model (reset to the same weights and the same torch seed before every run), the same TrainConfig, the same
+plan of global batches (`global_batches`) collated by the same `Collator`, and the same loss (token cross-entropy
+summed over the global batch's supervised tokens / their count), clipping, AdamW and LambdaLR schedule; the
+trained parts are the engine's default (projectors of the task's modality + language model).
+
+After a warm-up of each, paired rounds follow: an engine run and a bare run back to back, the order flipping every
+round, until the 95% t-interval of the geometric mean of the per-round ratios (engine steps/s ÷ bare steps/s) is
+narrower than ±3% of the ratio, or the round cap / time budget is reached (`benchutil.paired_rounds`). Both loops
+see identical batches from identical weights, so their per-step losses must agree: that is checked too.
+
+`TrainBench` (one backend's model, data and the two timed runs) is what `bench_trainer.py` times against the
+Hugging Face `Trainer` as well.
 """
 
 from __future__ import annotations
 
 import gc
-import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,11 +31,23 @@ import torch  # noqa: E402
 import benchutil  # noqa: E402
 
 GOAL = 0.95
-TASK = "color_qa"
+HALF_WIDTH = 0.03
+BATCH_SIZE = 16
+SEED = 1234
+
+# mode -> seconds per timed run (sets the steps of a run from the warm-up's rate), min/max steps per run, warm-up
+# steps, min/max rounds, and the time budget of the paired rounds per backend on average (seconds; shared: what a
+# backend whose interval is narrow early leaves unused goes to the backends after it). The rounds of a backend stop
+# once the 95% interval is within ±HALF_WIDTH, or at max_rounds, or when its budget is spent.
+MODES = {
+    "full": dict(run_s=0.8, min_steps=8, max_steps=60, warm_steps=8, min_rounds=10, max_rounds=60, budget_s=55.0),
+    "quick": dict(run_s=0.25, min_steps=4, max_steps=12, warm_steps=3, min_rounds=2, max_rounds=4, budget_s=6.0),
+}
 
 
-def bare_loop(model, examples, collator, cfg, plan, device, dtype) -> list[float]:
-    """The reference: what a user would write by hand, one host sync at the end."""
+def bare_loop(model, examples, collator, cfg, plan, device, dtype, stamps: list | None = None) -> list[float]:
+    """The reference: what a user would write by hand, one host sync at the end. With `stamps`, the time at the end
+    of every step is appended to it."""
     from mmcl.engine.train import lr_lambda
     from mmcl.models.losses import token_cross_entropy_sum
 
@@ -49,115 +69,175 @@ def bare_loop(model, examples, collator, cfg, plan, device, dtype) -> list[float
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
+        if stamps is not None:
+            stamps.append(time.perf_counter())
     return torch.stack(losses).tolist()
 
 
-def run(quick: bool = False) -> dict:
-    from accelerate import Accelerator
+@dataclass
+class TrainBench:
+    """One backend ready to train: its model (trainable parts set as the engine does), examples of its task, the
+    collator, and the initial weights every timed run starts from."""
 
-    from mmcl.config import ModelConfig, TrainConfig
+    name: str
+    model: torch.nn.Module
+    processor: object
+    collator: object
+    examples: list
+    task: str
+    modality: str
+    device: torch.device
+    dtype: torch.dtype
+    init: dict = field(default_factory=dict)
+
+    def config(self, n_steps: int):
+        from mmcl.config import TrainConfig
+
+        return TrainConfig(epochs=1000, max_steps=n_steps, batch_size=BATCH_SIZE, lr=1e-3, warmup_ratio=0.03)
+
+    def plan(self, n_steps: int) -> list[list[int]]:
+        from mmcl.engine.train import global_batches
+
+        return global_batches(len(self.examples), self.config(n_steps), SEED)
+
+    def reset(self) -> None:
+        """Same weights, no gradients, same torch RNG state (dropout masks), garbage collected: before every run."""
+        self.model.load_state_dict(self.init)
+        self.model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.manual_seed(SEED)
+
+    def engine(self, n_steps: int) -> benchutil.Timed:
+        """`fit` for `n_steps` steps (the time at each step's end taken by its `on_step` callback)."""
+        from accelerate import Accelerator
+
+        from mmcl.engine.train import fit
+
+        cfg = self.config(n_steps)
+        accelerator = Accelerator(cpu=self.device.type == "cpu", mixed_precision="no")
+        stamps: list[float] = []
+        self.reset()
+        t, c = time.perf_counter(), time.process_time()
+        res = fit(self.model, self.examples, self.collator, cfg, accelerator, seed=SEED, label="bench", progress=False,
+                  on_step=lambda step, loss: stamps.append(time.perf_counter()))
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        assert res.steps == n_steps, res
+        return benchutil.Timed(n_steps / dt, n_steps / dc, res.losses, stamps)
+
+    def bare(self, n_steps: int) -> benchutil.Timed:
+        """`bare_loop` over the same plan of batches."""
+        cfg = self.config(n_steps)
+        stamps: list[float] = []
+        self.reset()
+        t, c = time.perf_counter(), time.process_time()
+        plan = self.plan(n_steps)
+        losses = bare_loop(self.model, self.examples, self.collator, cfg, plan, self.device, self.dtype, stamps)
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        assert len(losses) == n_steps
+        return benchutil.Timed(n_steps / dt, n_steps / dc, losses, stamps)
+
+    def sizes(self) -> dict:
+        return {
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "tokens_per_row": self.collator([self.examples[0]]).input_ids.shape[1],
+        }
+
+
+def load_bench(name: str, world: Path, model_path: Path, scratch: Path) -> TrainBench:
+    """Backend `name` on its tiny model, training the engine's default parts on the built-in world's task of the
+    modality it reads (`benchutil.TASK_FOR_MODALITY`)."""
+    from mmcl.config import ModelConfig
     from mmcl.data.batching import Collator, encode_records
     from mmcl.engine.setup import set_trainable
-    from mmcl.engine.train import fit, global_batches
 
-    rounds, steps, warm_steps = (4, 10, 5) if quick else (12, 25, 10)
-    world, model_path = benchutil.world_and_model_paths()
-    model, processor, media = benchutil.load(model_path)
-    # the engine's default trained parts: projectors (of the stream's modality, image) + language model
-    set_trainable(model, ModelConfig().train, {"image"})
+    benchutil.quiet_hf()
+    model, processor, media = benchutil.load(benchutil.backend_model_path(name, model_path, scratch))
+    modality = benchutil.backend_modality(processor)
+    task = benchutil.TASK_FOR_MODALITY[modality]
+    set_trainable(model, ModelConfig().train, {modality})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     dtype = next(model.parameters()).dtype
-    _, recs = benchutil.records(world, TASK, "train")
-    examples = encode_records(recs, processor, TASK)
-    collator = Collator(processor, media)
-    seed = 1234
+    _, recs = benchutil.records(world, task, "train")
+    bench = TrainBench(name, model, processor, Collator(processor, media), encode_records(recs, processor, task),
+                       task, modality, device, dtype)
+    bench.init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # every example's media decoded into the loader's cache now, outside any timing: a warm-up shorter than an
+    # epoch would otherwise leave the rest to the first timed run (the engine's, in round 0)
+    for i in range(0, len(bench.examples), BATCH_SIZE):
+        bench.collator(bench.examples[i : i + BATCH_SIZE])
+    return bench
 
-    def config(n_steps: int) -> TrainConfig:
-        return TrainConfig(epochs=1000, max_steps=n_steps, batch_size=16, lr=1e-3, warmup_ratio=0.03)
 
-    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+def warm_and_size(bench: TrainBench, runs, mode: dict) -> int:
+    """Warm both sides up (allocator and kernels warm, lazy imports done; `load_bench` filled the media cache) and
+    return the steps of a timed run: about `run_s` seconds of steps at the slower side's warm-up loop rate (its
+    per-call set-up left out, so a side with a large set-up does not shorten the runs), within the mode's bounds."""
+    rates = []
+    for run in runs:
+        run(mode["warm_steps"])
+        timed = run(mode["warm_steps"])
+        rates.append(timed.loop_rate or timed.rate)
+    return max(mode["min_steps"], min(mode["max_steps"], round(mode["run_s"] * min(rates))))
 
-    def reset():
-        model.load_state_dict(init)
-        model.zero_grad(set_to_none=True)
-        gc.collect()
 
-    def engine_run(n_steps: int) -> tuple[float, float, list[float]]:
-        cfg = config(n_steps)
-        reset()
-        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
-        t, c = time.perf_counter(), time.process_time()
-        res = fit(model, examples, collator, cfg, accelerator, seed=seed, label="bench", progress=False)
-        dt, dc = time.perf_counter() - t, time.process_time() - c
-        assert res.steps == n_steps, res
-        return n_steps / dt, n_steps / dc, res.losses
+def measure(bench: TrainBench, baseline, mode: dict, budget_s: float, log=None) -> dict:
+    """Engine vs `baseline` (a run function like `TrainBench.bare`) on one backend: warm-up, then paired rounds until
+    the interval is within ±HALF_WIDTH (or max_rounds, or `budget_s` seconds of rounds)."""
+    steps = warm_and_size(bench, (bench.engine, baseline), mode)
+    r = benchutil.paired_rounds(bench.engine, baseline, steps=steps, min_rounds=mode["min_rounds"],
+                                max_rounds=mode["max_rounds"], budget_s=budget_s, half_width=HALF_WIDTH, log=log)
+    r.update(task=bench.task, modality=bench.modality, warmup_steps=mode["warm_steps"], **bench.sizes())
+    return r
 
-    def bare_run(n_steps: int) -> tuple[float, float, list[float]]:
-        cfg = config(n_steps)
-        reset()
-        t, c = time.perf_counter(), time.process_time()
-        plan = global_batches(len(examples), cfg, seed)
-        losses = bare_loop(model, examples, collator, cfg, plan, device, dtype)
-        dt, dc = time.perf_counter() - t, time.process_time() - c
-        assert len(losses) == n_steps
-        return n_steps / dt, n_steps / dc, losses
 
-    # warm-up: media cache filled, allocator and kernels warm, lazy imports done
-    engine_run(warm_steps)
-    bare_run(warm_steps)
+def over_backends(label: str, baseline_of, backends, mode: dict, log=print) -> dict[str, dict]:
+    """`measure` for each backend against `baseline_of(bench, scratch)` (a run function), the rounds' time budget
+    shared: each backend gets the rest of the total (mode budget_s x backends) over the backends still to go."""
+    world, model_path = benchutil.world_and_model_paths()
+    out: dict[str, dict] = {}
+    total, spent = mode["budget_s"] * len(backends), 0.0
+    with tempfile.TemporaryDirectory(prefix="mmcl-bench-") as scratch:
+        for k, name in enumerate(backends):
+            t = time.perf_counter()
+            bench = load_bench(name, world, model_path, Path(scratch))
+            budget = max(0.0, total - spent) / (len(backends) - k)
+            r = measure(bench, baseline_of(bench, Path(scratch)), mode, budget)
+            spent += r["seconds"]
+            r["device"] = str(bench.device)
+            out[name] = r
+            ci = r["interval"]
+            if log:
+                log(f"[{label}] {name}: {ci['ratio']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+                    f" ±{100 * ci['rel_half_width']:.1f}% over {r['rounds']} rounds of {r['steps_per_round']} steps"
+                    f" ({time.perf_counter() - t:.0f} s), max loss diff {r['max_loss_diff']:.1e}", flush=True)
+            del bench
+            gc.collect()
+    return out
 
-    engine_rates, bare_rates, engine_cpu, bare_cpu, max_loss_diff = [], [], [], [], 0.0
-    for r in range(rounds):
-        # alternate which goes first so a slow drift of the machine does not favour one side
-        order = ("engine", "bare") if r % 2 == 0 else ("bare", "engine")
-        got = {}
-        for which in order:
-            got[which] = engine_run(steps) if which == "engine" else bare_run(steps)
-        engine_rates.append(got["engine"][0])
-        bare_rates.append(got["bare"][0])
-        engine_cpu.append(got["engine"][1])
-        bare_cpu.append(got["bare"][1])
-        diff = max(abs(a - b) for a, b in zip(got["engine"][2], got["bare"][2]))
-        max_loss_diff = max(max_loss_diff, diff)
 
-    eng, bare = benchutil.spread(engine_rates), benchutil.spread(bare_rates)
-    per_round = [e / b for e, b in zip(engine_rates, bare_rates)]
-    # The headline is the median of the per-round paired ratios: the two runs of a round are back to back, so they
-    # see the same machine load, whereas the two medians of rates can come from rounds under different load (on a
-    # shared box the load drifts by ±30% between rounds and the ratio of medians then moves by ±5% on its own).
-    ratio = statistics.median(per_round)
-    ratio_of_medians = eng["median"] / bare["median"]
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def run(quick: bool = False, backends: tuple[str, ...] = benchutil.BACKENDS, log=print) -> dict:
+    mode = MODES["quick" if quick else "full"]
+    out = over_backends("train: engine ÷ bare", lambda bench, scratch: bench.bare, backends, mode, log)
+    for r in out.values():
+        r["goal"] = GOAL
+        r["passed"] = r["interval"]["ratio"] >= GOAL
     return {
         "name": "train",
-        "task": TASK,
-        "train_examples": len(examples),
-        "batch_size": 16,
-        "rounds": rounds,
-        "steps_per_round": steps,
-        "warmup_steps": warm_steps,
-        "device": str(device),
-        "parameters": n_params,
-        "trainable_parameters": n_train,
-        "engine_steps_per_s": eng,
-        "bare_steps_per_s": bare,
-        "per_round_ratio": benchutil.spread(per_round),
-        "ratio": ratio,
-        "ratio_of_medians": ratio_of_medians,
-        # steps per CPU-second of this process: insensitive to other processes taking the cores (secondary metric)
-        "engine_steps_per_cpu_s": benchutil.spread(engine_cpu),
-        "bare_steps_per_cpu_s": benchutil.spread(bare_cpu),
-        "cpu_time_ratio": benchutil.spread(engine_cpu)["median"] / benchutil.spread(bare_cpu)["median"],
-        "max_loss_diff": max_loss_diff,
+        "batch_size": BATCH_SIZE,
+        "device": next(iter(out.values()))["device"],
+        "mode": mode,
+        "half_width": HALF_WIDTH,
         "goal": GOAL,
-        "passed": ratio >= GOAL,
+        "backends": out,
+        "passed": all(r["passed"] for r in out.values()),
     }
 
 
 if __name__ == "__main__":
     import json
 
-    quick = "--quick" in sys.argv
-    print(json.dumps(run(quick), indent=2))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    torch.set_num_threads(1)
+    print(json.dumps(run("--quick" in sys.argv, tuple(args) or benchutil.BACKENDS), indent=2))

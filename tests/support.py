@@ -3,7 +3,7 @@ module imports what it needs from here, never from another test module; fixtures
 import from here too.
 
   backends       BACKENDS, AUDIO_TASKS
-  micro runs     CASES, QUIET, FAST, fast_engine, overrides_for, engine_objects, stream_file
+  micro runs     CASES, QUIET, FAST, fast_engine, overrides_for, engine_objects, stream_file, die_at_row
   models         tiny_llava
   reliability    the `Probe` strategy (PROBE), which records which samples each step consumed and injects a fault at
                  a chosen task and step, and helpers that compare run directories and checkpoints (latest,
@@ -231,6 +231,22 @@ class Probe(Strategy):
 
 
 # -- comparing runs ---------------------------------------------------------------------------------------------------
+
+
+def die_at_row(monkeypatch, row: int):
+    """Make the evaluation of accuracy-matrix row `row` crash (so that task's checkpoint is never written); returns
+    the real function to put back."""
+    from mmcl.engine import loop
+
+    real = loop.evaluate_row
+
+    def dying(ctx, r, progress):
+        if r == row:
+            raise KeyboardInterrupt("simulated crash")
+        return real(ctx, r, progress)
+
+    monkeypatch.setattr(loop, "evaluate_row", dying)
+    return real
 
 
 def latest(run_dir: Path) -> Path:

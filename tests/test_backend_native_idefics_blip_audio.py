@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_hf.idefics_blip_audio import BUILDERS
 
 from mmcl.data.batching import Batch, Collator, Example, MediaLoader
 from mmcl.models.base import Processor
-from tiny_hf.idefics_blip_audio import BUILDERS
 
 FAMILY_TYPES = ["idefics3", "smolvlm", "blip-2", "instructblip", "qwen2_audio"]
 QUESTION, ANSWER = "what colour is the shape?", "red"
@@ -94,8 +94,8 @@ def open_family(path: Path):
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
-    from mmcl.models.hf.family import FAMILIES
     from mmcl.models.hf.families_idefics_blip_audio import Idefics3Family  # noqa: F401  (registers the families)
+    from mmcl.models.hf.family import FAMILIES
 
     config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     family = FAMILIES[config.model_type](path, config, tokenizer)

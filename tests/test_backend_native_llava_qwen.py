@@ -147,8 +147,14 @@ def test_collate_forward_and_cut_join(ckpts, media, family):
 def reference_inputs(family, path, image):
     """Model inputs built without mmcl: the template through the tokenizer, the image through the HF image processor
     (or LlavaProcessor, the one processor that builds without torchvision)."""
-    from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessorPil, LlavaOnevisionImageProcessorPil
-    from transformers import LlavaProcessor, Qwen2VLImageProcessorPil
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        LlavaOnevisionImageProcessorPil,
+        LlavaProcessor,
+        Qwen2VLImageProcessorPil,
+    )
 
     tok = AutoTokenizer.from_pretrained(path)
     question = {"type": "text", "text": "What colour is the shape?"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import QUIET, assert_same_run, fast_engine, stream_file
+from support import QUIET, assert_same_run, die_at_row, fast_engine, stream_file
 
 from mmcl.cli import main
 from mmcl.config import load_config
@@ -68,14 +68,7 @@ def test_stream_runs_end_to_end_and_resumes_exactly(family, hf_checkpoints, micr
 
     # interrupted after task 1 (row 2's evaluation crashes before task 2's checkpoint), then resumed by the CLI
     fast_engine(monkeypatch)
-    real = loop.evaluate_row
-
-    def dying(ctx, row, progress):
-        if row == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(ctx, row, progress)
-
-    monkeypatch.setattr(loop, "evaluate_row", dying)
+    real = die_at_row(monkeypatch, 2)
     cut_dir = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         loop.run(load_config(None, [f"output_dir={cut_dir}", *common]), **QUIET)
@@ -84,12 +77,12 @@ def test_stream_runs_end_to_end_and_resumes_exactly(family, hf_checkpoints, micr
     assert_same_run(full_dir, cut_dir)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "blip-2"])
-def test_lora_and_ia3_adapt_only_the_language_model(family, hf_checkpoints, micro_overrides):
+@pytest.mark.parametrize("family", NATIVE)
+def test_lora_and_ia3_adapt_only_the_language_model(family, backend_overrides, micro_overrides):
     """By default an adapter lands only in the language model: no encoder or projector module gets one."""
     for adapter, marker in (("lora", "lora_"), ("ia3", "ia3_")):
-        cfg = load_config(None, micro_overrides(f"{family}-{adapter}", tasks=1)
-                          + [f"model.path={hf_checkpoints[family]}", f"strategies=[{adapter}]"])
+        cfg = load_config(None, micro_overrides(f"{family}-{adapter}", tasks=1, strategies=f"[{adapter}]")
+                          + backend_overrides(family, tasks=1))
         ctx, strategies, _ = build_context(cfg, log=QUIET["log"])
         strategies.prepare_model(ctx)
         language = ctx.model.language_model_parameter_names()

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import die_at_row
 
-from mmcl.engine.setup import build_context
-from mmcl.seeding import hold_out
 from mmcl.cli import main
 from mmcl.config import ConfigError, load_config
 from mmcl.engine import checkpoint as ck
 from mmcl.engine import loop
 from mmcl.engine.loop import run
+from mmcl.engine.setup import build_context
+from mmcl.seeding import hold_out
 
 pytestmark = pytest.mark.integration
 
@@ -85,14 +86,7 @@ def test_resume_after_interruption_gives_bitwise_the_same_run(micro_overrides, m
     full = run(load_config(None, micro_overrides("full", **extra)), progress=False, log=lambda *a: None)
 
     # interrupted: evaluation after task 2 dies, so the task-2 checkpoint is never written
-    real = loop.evaluate_row
-
-    def dying(ctx, row, progress):
-        if row == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(ctx, row, progress)
-
-    monkeypatch.setattr(loop, "evaluate_row", dying)
+    real = die_at_row(monkeypatch, 2)
     cfg = load_config(None, micro_overrides("cut", **extra))
     with pytest.raises(KeyboardInterrupt):
         run(cfg, progress=False, log=lambda *a: None)
@@ -184,9 +178,8 @@ def test_unknown_strategy_and_bad_composition_are_refused_before_training(micro_
 
 
 def test_stream_runs_from_a_saved_llava_checkpoint(micro_overrides, micro_model, tmp_path):
-    from transformers import AutoTokenizer
-
     from support import tiny_llava
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(micro_model / "tokenizer")
     llava_dir = tmp_path / "llava-tiny"

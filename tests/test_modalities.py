@@ -17,6 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
+from mmcl.config import load_config
 from mmcl.data.batching import Collator, Example, MediaLoader, encode_records
 from mmcl.data.media import frame_indices
 from mmcl.data.records import check_media_file, load_stream, load_task, read_records
@@ -24,7 +25,6 @@ from mmcl.data.synth import WorldSizes, world_texts, write_world
 from mmcl.data.synth.clips import clip_bytes
 from mmcl.data.synth.shapes import BACKGROUNDS, COLOURS
 from mmcl.data.synth.sounds import beeps
-from mmcl.config import load_config
 from mmcl.engine import loop
 from mmcl.eval.generate import generate_answers
 from mmcl.models.builder import assemble_model, check_num_tokens, load_model, save_model
@@ -443,8 +443,14 @@ def test_an_unknown_encoder_class_is_refused(tiny, tokenizer, tmp_path: Path) ->
 
 
 def _hf_parts(tokenizer, root: Path) -> dict[str, Path]:
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, WhisperConfig, \
-        WhisperModel
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        WhisperConfig,
+        WhisperModel,
+    )
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer) - 3, hidden_size=32, intermediate_size=64,

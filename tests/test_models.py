@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from support import tiny_llava
 
 from mmcl.data.batching import Collator, Example, MediaLoader, encode_records
 from mmcl.data.records import Record, load_task, read_records
@@ -20,7 +21,6 @@ from mmcl.models.loading import load_backend
 from mmcl.models.mllm import ModalitySpec
 from mmcl.models.tiny import TinySizes, build_tiny
 from mmcl.models.tokenizer import ConversationFormat, train_bpe_tokenizer
-from support import tiny_llava
 
 SIZES = TinySizes(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32, vision_layers=1)
 N_IMAGE = (32 // 8) ** 2  # placeholder positions per image for SIZES

@@ -10,20 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import QUIET, stream_file
 
 import mmcl.report
-from mmcl.seeding import seed_everything
-from mmcl.engine.setup import build_context
 from mmcl.config import ConfigError, load_config
 from mmcl.data.batching import Example
 from mmcl.data.records import Record
 from mmcl.engine import loop, setup
-from mmcl.models.losses import token_cross_entropy_sum
+from mmcl.engine.setup import build_context
 from mmcl.eval.generate import generate_answers
+from mmcl.models.losses import token_cross_entropy_sum
+from mmcl.seeding import seed_everything
 from mmcl.strategies import build_strategies, get_strategy
 from mmcl.strategies.lwf import distillation_loss
 from mmcl.strategies.moincl import IKD_PREFIX, MoInCL, MoInCLOptions, load_instructions
-from support import QUIET, stream_file
 
 FAST = {"train.max_steps": 2, "data.test_limit": 2, "eval.max_new_tokens": 2, "eval.retention": "false"}
 

@@ -27,12 +27,12 @@ from support import (
     tensors_of,
 )
 
-from mmcl.engine.hooks import StrategyError
 from mmcl.cli import main
 from mmcl.config import load_config
 from mmcl.data.records import DataError
 from mmcl.engine import checkpoint as ck
 from mmcl.engine import loop
+from mmcl.engine.hooks import StrategyError
 from mmcl.engine.train import NonFiniteLossError, Preempted
 
 pytestmark = pytest.mark.integration

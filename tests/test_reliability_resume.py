@@ -22,6 +22,7 @@ from support import (
     assert_no_partial_checkpoints,
     assert_same_run,
     assert_tensors_equal,
+    die_at_row,
     fast_engine,
     latest,
     overrides_for,
@@ -29,11 +30,11 @@ from support import (
     tensors_of,
 )
 
-from mmcl.engine.hooks import StrategyError
 from mmcl.config import load_config
 from mmcl.data.records import DataError
 from mmcl.engine import checkpoint as ck
 from mmcl.engine import loop
+from mmcl.engine.hooks import StrategyError
 from mmcl.strategies import list_strategies
 
 pytestmark = pytest.mark.integration
@@ -62,20 +63,6 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     flat = {f"{pid}/{k}": v.clone() if torch.is_tensor(v) else torch.tensor(v)
             for pid, st in sd["state"].items() for k, v in st.items()}
     return flat, copy.deepcopy(sd["param_groups"])
-
-
-def die_at_row(monkeypatch, row: int):
-    """Make the evaluation of accuracy-matrix row `row` crash (so that task's checkpoint is never written); returns
-    the real function to put back."""
-    real = loop.evaluate_row
-
-    def dying(ctx, r, progress):
-        if r == row:
-            raise KeyboardInterrupt("simulated crash")
-        return real(ctx, r, progress)
-
-    monkeypatch.setattr(loop, "evaluate_row", dying)
-    return real
 
 
 # -- 1. task-boundary resume, every registered strategy ---------------------------------------------------------------

@@ -9,10 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from support import engine_objects
 from torch import nn
 
-from mmcl.engine.hooks import StrategyError
 from mmcl.config import StrategySpec
+from mmcl.engine.hooks import StrategyError
 from mmcl.engine.train import fit
 from mmcl.models.losses import token_cross_entropy_sum
 from mmcl.strategies import build_strategies
@@ -22,7 +23,6 @@ from mmcl.strategies.ia3 import IA3Options
 from mmcl.strategies.llaca import LLaCA, LLaCAOptions, ema_weight
 from mmcl.strategies.rehearsal import RehearsalOptions, rehearsal_count
 from mmcl.strategies.soft_targets import SoftTargetsOptions, soft_target_loss_sum
-from support import engine_objects
 
 
 @pytest.fixture(autouse=True)

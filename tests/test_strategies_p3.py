@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import QUIET
 
-from mmcl.engine.setup import build_context
 from mmcl.config import load_config
 from mmcl.engine import loop
 from mmcl.engine.loop import run
+from mmcl.engine.setup import build_context
 from mmcl.strategies import get_strategy
 from mmcl.strategies._importance import (
     ImportanceError,
@@ -25,7 +26,6 @@ from mmcl.strategies._importance import (
 )
 from mmcl.strategies.lwf import LwFOptions, distillation_loss
 from mmcl.strategies.replay import ReplayOptions, quotas, reservoir_offer
-from support import QUIET
 
 FAST = {"train.max_steps": 2, "data.test_limit": 2, "eval.max_new_tokens": 2, "eval.retention": "false"}
 

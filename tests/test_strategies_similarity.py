@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from support import QUIET
 
 from mmcl.cli import main
 from mmcl.config import ConfigError, load_config
@@ -25,7 +26,6 @@ from mmcl.strategies.similarity import (
 )
 from mmcl.strategies.tir import reweight
 
-from support import QUIET
 FAST = {"data.train_limit": 8, "train.batch_size": 4, "train.max_steps": 2, "data.test_limit": 4,
         "eval.max_new_tokens": 1, "eval.retention": "false"}
 
@@ -249,3 +249,23 @@ def test_cli_similarity_prints_and_writes_the_matrix(micro_world, micro_model, t
     assert data["tasks"] == ["color_qa", "shape_cls", "count"] and torch.allclose(m, m.T)
     assert torch.equal(torch.diag(m), torch.ones(3, dtype=m.dtype)) and (out / "similarity.png").is_file()
     assert "shape_cls" in printed and f"{data['matrix'][0][1]:.3f}" in printed
+
+
+@pytest.mark.integration
+def test_instruction_tuned_base_is_a_model_directory_that_learned_its_tasks(micro_world, micro_model, tmp_path):
+    """`mmcl pretrain --instruct` (P3's InstructBLIP-style base): the base trained jointly on held-out world tasks
+    is saved as a model directory with its scores; its weights differ from the base's, the tokenizer is kept."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "instructed"
+    assert main(["pretrain", "--instruct", "image_cap,image_qa", "--base", str(micro_model), "--world",
+                 str(micro_world), "--out", str(out), "--no-progress"]) == 0
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["instruct_tasks"] == ["image_cap", "image_qa"] and info["steps"] > 0
+    assert {"image_cap", "image_qa", "lang_arith"} <= set(info["scores"])
+    before = load_file(str(micro_model / "projectors.safetensors"))
+    after = load_file(str(out / "projectors.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (micro_model / "tokenizer" / "tokenizer.json").read_bytes()
+    assert main(["pretrain", "--instruct", "image_cap", "--world", str(micro_world), "--out", str(tmp_path / "x"),
+                 "--no-progress"]) == 2

@@ -14,16 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import AUDIO_TASKS, BACKENDS, CASES, FAST, QUIET, engine_objects, fast_engine, overrides_for
 
-from mmcl.engine.setup import build_context
 from mmcl.config import ConfigError, load_config
 from mmcl.engine import loop, setup
 from mmcl.engine.context import Context
+from mmcl.engine.setup import build_context
 from mmcl.models.losses import token_cross_entropy_sum
 from mmcl.strategies import Strategy, build_strategies, get_strategy, list_strategies, register_strategy
 from mmcl.strategies.registry import _REGISTRY
-
-from support import AUDIO_TASKS, BACKENDS, CASES, FAST, QUIET, engine_objects, fast_engine, overrides_for
 
 pytestmark = pytest.mark.integration
 

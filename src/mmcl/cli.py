@@ -41,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_synth,
         cmd_validate,
     )
-
     from mmcl.config import field_help
 
     p = argparse.ArgumentParser(

@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import yaml
 
-
 # Named compositions from the papers: each name expands to a list of strategies (P1's mSGM and mSGM + R).
 PRESETS: dict[str, list[str]] = {
     "msgm": ["lora", "soft_targets"],

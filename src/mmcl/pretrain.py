@@ -17,19 +17,18 @@ import json
 import os
 import shutil
 import time
-from itertools import chain
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
 from mmcl.config import TrainConfig
-from mmcl.data.batching import Collator, encode_records
+from mmcl.data.batching import Collator, MediaLoader, encode_records
 from mmcl.data.records import DataError, format_problems, load_task, read_records
 from mmcl.engine.train import fit
 from mmcl.eval.generate import evaluate_task
-from mmcl.data.batching import MediaLoader
 from mmcl.models.builder import save_model
 from mmcl.models.composition import composition_processor
 from mmcl.models.tiny import TinySizes, build_tiny

@@ -65,8 +65,14 @@ def _llama(vocab: int, **extra) -> dict:
 
 def _idefics_like(out: Path, *, smol: bool) -> Path:
     """Idefics3 / SmolVLM: 32 px tiles of 8 px patches, pixel-shuffle 2 -> 4 `<image>` tokens per tile."""
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
-                              SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessorPil,
+    )
 
     rows = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     start = "<|im_start|>" if smol else "<|begin_of_text|>"
@@ -120,8 +126,13 @@ def _qformer_tokenizer():
 
 def _blip(out: Path, *, instruct: bool) -> Path:
     """BLIP-2 (OPT decoder) / InstructBLIP (Llama decoder): 32 px images, a 1-layer Q-Former, 4 query tokens."""
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessorPil,
-                              InstructBlipConfig, InstructBlipForConditionalGeneration)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        BlipImageProcessorPil,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+    )
 
     tok = tiny_tokenizer(["<image>"])  # like the hub BLIP tokenizers: <image> added, no image_token attribute
     # Larger initial weights than the default 0.02: otherwise the tiny Q-Former's output hardly depends on the image.

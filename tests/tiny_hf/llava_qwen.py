@@ -72,8 +72,13 @@ def build_llava(out_dir: Path) -> Path:
     """LLaVA-1.5 shape: CLIP tower (16 px, 4 px patches -> 16 image tokens, CLS dropped) + Llama; like Llama's, the
     tokenizer puts <s> in front of every text itself (the template does not write it)."""
     from tokenizers.processors import TemplateProcessing
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
-    from transformers import LlavaForConditionalGeneration
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     tok = tiny_tokenizer(["<image>"], image_token="<image>")
     tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -97,8 +102,11 @@ def build_llava(out_dir: Path) -> Path:
 def build_llava_onevision(out_dir: Path) -> Path:
     """OneVision shape: SigLIP tower (16 px tiles, 4 px patches -> 16 features per tile), anyres tiling over 16/32 px
     pinpoints, Qwen2 LM; reads images and video."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-    from transformers import LlavaOnevisionImageProcessorPil
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
 
     tok = tiny_tokenizer(["<image>", "<video>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>",
                          pad="<|endoftext|>", image_token="<image>", video_token="<video>")

@@ -9,7 +9,6 @@ import json
 import time
 from pathlib import Path
 
-
 from mmcl.config import RunConfig
 from mmcl.engine import checkpoint as ck
 from mmcl.engine.context import Context

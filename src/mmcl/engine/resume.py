@@ -9,6 +9,7 @@ from mmcl.engine.context import Context
 from mmcl.engine.hooks import Strategies
 from mmcl.engine.train import ResumePoint
 
+
 class ResumeError(ValueError):
     """The run cannot continue from its checkpoint as configured; the message names the fields and the fix."""
 

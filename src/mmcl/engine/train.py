@@ -13,11 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 
 from mmcl.config import TrainConfig
 from mmcl.data.batching import Batch, Collator, Example
 from mmcl.models.losses import token_cross_entropy_sum
+
+
+_PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+"""Engines where the plain optimizer is exact: `fit` accumulates gradients itself and DDP averages them in
+backward, so Accelerate's optimizer wrapper would only add per-step Python overhead (measured in BENCHMARKS.md)."""
 
 
 class Preempted(RuntimeError):
@@ -130,6 +135,7 @@ def fit(
     if not examples:
         raise ValueError(f"{label}: no training examples")
     plan = global_batches(len(examples), cfg, seed)
+    supervised = [sum(1 for t in e.labels[1:] if t != -100) for e in examples]  # tokens the loss averages over
     total = len(plan)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -144,7 +150,9 @@ def fit(
         first = resume.step
         result.losses = list(resume.losses)
         result.steps, result.samples, result.skipped_steps = resume.step, resume.samples, resume.skipped_steps
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped = accelerator.prepare_model(model)
+    if accelerator.distributed_type not in _PLAIN or accelerator.mixed_precision == "fp16":
+        optimizer = accelerator.prepare_optimizer(optimizer)  # sharded engines and loss scaling need the wrapper
     dtype = next(model.parameters()).dtype
     world, rank = accelerator.num_processes, accelerator.process_index
     consecutive_skips = 0
@@ -155,7 +163,7 @@ def fit(
     for step in range(first, total):
         idx = plan[step]
         shard = idx[rank::world]  # every rank builds the same global batch and takes its slice
-        n_tokens = sum(sum(1 for t in examples[i].labels[1:] if t != -100) for i in idx)
+        n_tokens = sum(supervised[i] for i in idx)
         micro = [shard[k :: cfg.grad_accum] for k in range(cfg.grad_accum)]
         step_loss = torch.zeros((), device=accelerator.device)
         for k, mb in enumerate(micro):

@@ -17,7 +17,6 @@ from transformers import PreTrainedModel
 
 from mmcl.models.base import MLLM, Media
 
-
 # P4's modality cues (" image: " etc.), for models that want them; the tiny model uses them with adapter "p4".
 P4_CUES = {"image": " image: ", "audio": " audio: ", "video": " video: "}
 POOL_MODES = ("1d", "grid")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from mmcl.strategies._importance import ImportanceOptions, ImportanceRegularizer
 from mmcl.strategies.registry import register_strategy
 
-
 EWCOptions = ImportanceOptions
 """Options of `ewc`: lambda_, scale_by_numel, batch_size, max_samples (documented on ImportanceOptions)."""
 

@@ -26,8 +26,8 @@ from .clips import clip_bytes
 from .image_tasks import ALIGN_TASK, MICL_IMAGE_TASKS, STREAM_TASKS
 from .shapes import png_bytes
 from .sounds import SAMPLE_RATE, wav_bytes
-from .speech import ESPEAK, VOICE_ARGS, espeak_version, word_bank
 from .spec import TaskSpec
+from .speech import ESPEAK, VOICE_ARGS, espeak_version, word_bank
 from .text_tasks import text_tasks
 from .video_tasks import VIDEO_ALIGN_TASK, VIDEO_TASKS
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcl.models.base import Media, MediaItem, MLLM, ModelLoadError, Processor, refuse_pickles
+from mmcl.models.base import MLLM, Media, MediaItem, ModelLoadError, Processor, refuse_pickles
 from mmcl.models.hf.family import FAMILIES, Family
 
 MARKERS = {"<image>": "image", "<video>": "video", "<audio>": "audio"}
