@@ -15,9 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import benchutil  # noqa: E402
+import torch  # noqa: E402
 
 GOAL = 5.0
 BATCH = 64

@@ -34,9 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import benchutil  # noqa: E402
+import torch  # noqa: E402
 
 TIR_GOAL = 1.02  # TIR s/step ÷ EWC (MAS) s/step
 EPROJ_GOAL = 1.10  # routed eval s ÷ plain-projector eval s

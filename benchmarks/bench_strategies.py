@@ -31,9 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import benchutil  # noqa: E402
+import torch  # noqa: E402
 
 STEP_GOALS = {"ema": 1.05, "llaca": 1.10, "ewc": 1.15, "mas": 1.15, "replay": 1.05, "lwf": 1.6, "moincl": 1.6}
 IMPORTANCE_GOAL = 1.2
@@ -239,8 +238,8 @@ def state_bytes(case: Case) -> dict:
 
 
 def run(quick: bool = False, only: list[str] | None = None) -> dict:
-    from mmcl.engine.train import steps_for
     from mmcl.config import TrainConfig
+    from mmcl.engine.train import steps_for
 
     rounds, steps = (3, 5) if quick else (8, 12)
     world, model_path = benchutil.world_and_model_paths()

@@ -26,9 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import benchutil  # noqa: E402
+import torch  # noqa: E402
 
 GOAL = 0.95
 HALF_WIDTH = 0.03

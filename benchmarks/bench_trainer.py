@@ -23,10 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import bench_train  # noqa: E402
 import benchutil  # noqa: E402
+import torch  # noqa: E402
 
 BACKENDS = ("mmcl", "llava", "qwen2_vl", "idefics3", "blip-2", "qwen2_audio")
 MODES = {  # as bench_train's, with less time: there is no goal to resolve

@@ -41,6 +41,10 @@ def test_cli_run_writes_the_run_directory(micro_overrides, capsys):
         assert set(row["scores"]) == {"color_qa", "shape_cls", "count", "lang_arith"}
         assert all(0 <= v <= 100 for v in row["scores"].values())
 
+    env = json.loads((run_dir / "environment.json").read_text())  # what the run ran on, for reproduction
+    assert env["world_size"] == 1 and env["device"] == "cpu" and env["global_batch_size"] == 8
+    assert env["packages"]["torch"].startswith("2.13.0") and env["packages"]["transformers"] == "5.23.0"
+
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("final_average_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer",
                 "forward_transfer", "plasticity", "retention_drop"):

@@ -286,9 +286,43 @@ def test_resume_refuses_an_incompatible_config_and_only_warns_on_harmless_keys(m
     assert "warning: eval.batch_size differs from the checkpoint (config=2, checkpoint=64); using config" in logs
     assert "warning: checkpoint.keep_last differs from the checkpoint (config=5, checkpoint=2); using config" in logs
 
-    empty = load_config(None, micro_overrides("empty", tasks=1, **over))
-    with pytest.raises(ck.CheckpointError, match=r"no valid checkpoint in .*empty/checkpoints to resume from"):
-        loop.run(empty, resume=True, **QUIET)
+
+
+def test_autoresume_before_the_first_checkpoint_starts_fresh_and_sweeps_stale_saves(micro_overrides, monkeypatch):
+    """A job script that always passes --resume: killed before its first checkpoint (row 1's evaluation crashes),
+    with a save that a SIGKILL cut short left behind, the resume sweeps the stale save, says it starts from the
+    beginning with the saved config, and ends with the matrix and losses of a run that was never interrupted."""
+    fast_engine(monkeypatch)
+    full = loop.run(load_config(None, overrides_for(micro_overrides, "auto-full", "sequential")), **QUIET)
+    cfg = load_config(None, overrides_for(micro_overrides, "auto", "sequential"))
+    real = die_at_row(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(cfg, **QUIET)
+    monkeypatch.setattr(loop, "evaluate_row", real)
+    ckpts = cfg.run_dir / "checkpoints"
+    assert not (ckpts / "latest").exists()
+    (ckpts / ".tmp-task-01-color_qa-99999").mkdir(parents=True)  # what a SIGKILL inside save_checkpoint leaves
+    (ckpts / ".tmp-task-01-color_qa-99999" / "model.safetensors").write_bytes(b"half")
+    (ckpts / ".latest.tmp").write_text("task-01-color_qa\n")
+    logs: list[str] = []
+    loop.run(load_config(cfg.run_dir / "config.yaml", [f"output_dir={cfg.run_dir}"]), resume=True, progress=False,
+             log=logs.append)
+    assert any("removed 2 incomplete checkpoint save(s)" in line for line in logs)
+    assert any("no complete checkpoint" in line and "from the beginning" in line for line in logs)
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]
+    for f in ("matrix.json", "losses.json"):
+        assert json.loads((full / f).read_text()) == json.loads((cfg.run_dir / f).read_text()), f
+
+
+def test_cli_resume_of_a_run_directory_that_does_not_exist_yet_starts_it(micro_overrides, tmp_path, monkeypatch):
+    """`mmcl run RECIPE --resume DIR` works on the job's first launch too: DIR does not exist, the run starts."""
+    from mmcl.cli import main
+
+    fast_engine(monkeypatch)
+    run_dir = tmp_path / "first-launch"
+    over = [o for o in overrides_for(micro_overrides, "first", "sequential", tasks=1) if not o.startswith("output_dir")]
+    assert main(["run", *over, "--resume", str(run_dir), "--no-progress"]) == 0
+    assert json.loads((run_dir / "matrix.json").read_text())["tasks"] == ["color_qa"]
 
 
 # -- 12. pruning never deletes the checkpoint resumed from or the latest; base model untouched ------------------------

@@ -22,16 +22,22 @@ def cmd_run(args) -> int:
     from mmcl.engine.loop import run
 
     config, overrides = _config_and_overrides(args)
+    resume = bool(args.resume)
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
-            print(f"error: {run_dir} holds no run (config.yaml missing); can't resume", file=sys.stderr)
-            return 2
-        cfg = load_config(config or run_dir / "config.yaml", overrides)
+            if not (config or overrides):
+                print(f"error: {run_dir} holds no run (config.yaml missing); can't resume. To make a job script that "
+                      "always passes --resume, give the recipe too: mmcl run RECIPE.yaml --resume RUN_DIR",
+                      file=sys.stderr)
+                return 2
+            print(f"{run_dir} holds no run yet: starting it from {config or 'the given overrides'}", file=sys.stderr)
+            resume = False
+        cfg = load_config(config or (run_dir / "config.yaml" if resume else None), overrides)
         cfg.output_dir = str(run_dir)
     else:
         cfg = load_config(config, overrides)
-    run_dir = run(cfg, resume=bool(args.resume), progress=not args.no_progress)
+    run_dir = run(cfg, resume=resume, progress=not args.no_progress)
     print(f"\nrun directory: {run_dir}\nreport:        {run_dir / 'report.md'}  (and report.html)")
     return 0
 

@@ -193,6 +193,18 @@ def latest_valid(ckpt_root: Path, warn=print) -> tuple[Path, dict] | None:
     return None
 
 
+def sweep_stale(ckpt_root: Path) -> list[str]:
+    """Remove what a save killed mid-way (SIGKILL, power loss) leaves behind: `.tmp-*` directories and the
+    `.latest.tmp` pointer. Only for the one process that writes checkpoints, before it writes any; returns the names
+    removed."""
+    if not ckpt_root.is_dir():
+        return []
+    stale = sorted(p for p in ckpt_root.iterdir() if p.name.startswith(".tmp-") or p.name == ".latest.tmp")
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return [p.name for p in stale]
+
+
 def prune(ckpt_root: Path, keep_last: int, protect: set[str]) -> None:
     """Keep the newest `keep_last` task-boundary checkpoints and the newest mid-task one; never delete one named in
     `protect` or in `latest`."""

@@ -13,6 +13,7 @@ from mmcl.config import RunConfig
 from mmcl.engine import checkpoint as ck
 from mmcl.engine.context import Context
 from mmcl.engine.cost import Cost, peak_memory_bytes
+from mmcl.engine.environment import environment
 from mmcl.engine.evaluation import EarlyStopping, evaluate_row
 from mmcl.engine.resume import check_resume_config, optimizer_state, restore, resume_point
 from mmcl.engine.setup import build_context, make_accelerator
@@ -53,10 +54,15 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
     cost = Cost()
     start_task, mid = 0, None
     protect: set[str] = set()
-    if resume:
-        found = ck.latest_valid(ckpt_root, warn=say)
-        if found is None:
-            raise ck.CheckpointError(f"no valid checkpoint in {ckpt_root} to resume from")
+    if main:
+        swept = ck.sweep_stale(ckpt_root)
+        if swept:
+            say(f"removed {len(swept)} incomplete checkpoint save(s) left by an interrupted run: {', '.join(swept)}")
+    found = ck.latest_valid(ckpt_root, warn=say) if resume else None
+    if resume and found is None:  # autoresume: a job that always passes --resume, before its first checkpoint
+        say(f"no complete checkpoint in {ckpt_root} yet: starting {run_dir} from the beginning with its saved config")
+        resume = False
+    if found is not None:
         path, state = found
         protect.add(path.name)  # never pruned while this run goes on
         check_resume_config(state["config"], cfg.to_dict(), log=say)
@@ -75,13 +81,15 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
         restore(ctx, strategies, tensors, state)
         where = f"inside task {start_task + 1} at step {mid.step}" if mid else f"after task {start_task}"
         say(f"resuming {run_dir} {where} from checkpoint {path.name}")
-    elif main:
+    if not resume and main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.dump())
         with (run_dir / "skipped.jsonl").open("w") as f:
             for p in problems:
                 f.write(json.dumps({"file": str(p.file), "line": p.line, "id": p.id, "reason": p.reason}) + "\n")
 
+    if main:
+        ck.write_json_atomic(run_dir / "environment.json", environment(cfg, accelerator))
     if not rows:
         t = time.perf_counter()
         rows.append({"after": None, "scores": evaluate_row(ctx, 0, progress)})

@@ -19,7 +19,6 @@ from mmcl.config import TrainConfig
 from mmcl.data.batching import Batch, Collator, Example
 from mmcl.models.losses import token_cross_entropy_sum
 
-
 _PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 """Engines where the plain optimizer is exact: `fit` accumulates gradients itself and DDP averages them in
 backward, so Accelerate's optimizer wrapper would only add per-step Python overhead (measured in BENCHMARKS.md)."""
