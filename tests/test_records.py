@@ -386,3 +386,28 @@ def test_cli_validate_missing_task_is_an_error(tmp_path: Path, capsys) -> None:
     _, err = capsys.readouterr()
     assert rc == 2
     assert "task manifest not found" in err
+
+
+def test_cli_validate_a_bare_records_file(tmp_path: Path, capsys) -> None:
+    """A user's own `.jsonl` (or LLaVA `.json` list) checks without a task manifest: media relative to the file's
+    folder unless --data-root says otherwise; each bad record is `file:line: reason`."""
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "imgs" / "a.png")
+    conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    good = {"id": "1", "image": "imgs/a.png", "conversations": conv}
+    lines = [json.dumps(good), json.dumps({**good, "id": "2", "image": "imgs/missing.png"}), "not json"]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    assert main(["data", "validate", str(jsonl)]) == 1
+    cap = capsys.readouterr()
+    assert cap.out.splitlines() == [f"{jsonl}:2: image file not found: {tmp_path / 'imgs' / 'missing.png'}",
+                                    f"{jsonl}:3: invalid JSON: Expecting value (column 1)"]
+    assert "3 records checked, 2 bad" in cap.err
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    assert main(["data", "validate", str(jsonl), "--data-root", str(elsewhere)]) == 1
+    assert f"{jsonl}:1: image file not found" in capsys.readouterr().out
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([good, {**good, "id": "3"}]))
+    assert main(["data", "validate", str(llava)]) == 0
+    assert "2 records checked, 0 bad" in capsys.readouterr().err

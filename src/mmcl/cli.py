@@ -118,9 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--splits", help="comma-separated splits (default: every split present)")
     cv.add_argument("--limit", type=int, help="at most N records per split")
     cv.add_argument("--no-progress", action="store_true")
-    v = dsub.add_parser("validate", help="check every record of a stream, task or world; print file:line: reason")
+    v = dsub.add_parser("validate", help="check every record of a records file, task, stream or world; print "
+                        "file:line: reason")
     v.set_defaults(func=cmd_validate)
-    v.add_argument("path", help="a stream YAML, a task directory or task.yaml, or a world directory")
+    v.add_argument("path", help="a records file (.jsonl, or a LLaVA .json list), a task directory or task.yaml, a "
+                   "stream YAML, or a world directory")
+    v.add_argument("--data-root", help="for a records file: where its media paths start (default: the file's folder)")
     v.add_argument("--allow-outside-root", action="store_true", help="accept media paths outside the data root")
 
     pt = add("pretrain", "pre-train the tiny base model on a world (language skills, then alignment)", cmd_pretrain)

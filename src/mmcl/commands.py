@@ -143,7 +143,8 @@ def cmd_convert(args) -> int:
 def cmd_validate(args) -> int:
     from mmcl.data.records import validate_path
 
-    total, problems = validate_path(Path(args.path), allow_outside_root=args.allow_outside_root)
+    total, problems = validate_path(Path(args.path), allow_outside_root=args.allow_outside_root,
+                                    data_root=args.data_root)
     for p in problems:
         print(p)
     print(f"{total} records checked, {len(problems)} bad", file=sys.stderr)

@@ -84,6 +84,9 @@ class TrainConfig:
     """Gradient clipping (0 disables)."""
     precision: Literal["no", "bf16"] = "no"
     """Mixed precision through Accelerate."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward instead of storing them (every backend's Hugging Face parts): less memory
+    for a little more compute per step."""
     on_nonfinite: Literal["raise", "skip"] = "raise"
     """A NaN/inf loss: `raise` stops before the optimizer step; `skip` drops the step."""
     max_consecutive_skips: int = 5

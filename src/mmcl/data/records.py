@@ -333,10 +333,29 @@ def check_media_file(modality: str, path: Path) -> str | None:
     return None
 
 
-def validate_path(path: str | Path, *, allow_outside_root: bool = False) -> tuple[int, list[Problem]]:
-    """Check a stream file, a task (dir or task.yaml) or a world directory; return (records checked, problems)."""
+def records_file_task(path: Path, data_root: Path | None = None) -> Task:
+    """A bare records file (LLaVA `.json` list or `.jsonl`) as a one-split task: its modality is the media key of
+    its first record that has one (text when none has), media resolve against `data_root` (default: its folder)."""
+    modality = "text"
+    for _, obj in _iter_raw(path):
+        found = [m for m in MODALITIES if isinstance(obj, dict) and m in obj]
+        if found:
+            modality = found[0]
+            break
+    return Task(name=path.stem, modality=modality, type="qa", scorer="exact_match", splits={"records": path},
+                data_root=Path(data_root) if data_root else path.parent, manifest=path)
+
+
+def validate_path(path: str | Path, *, allow_outside_root: bool = False,
+                  data_root: str | Path | None = None) -> tuple[int, list[Problem]]:
+    """Check a stream file, a task (dir or task.yaml), a world directory, or a bare records file (`.jsonl`, LLaVA
+    `.json` list; media relative to its folder unless `data_root`); return (records checked, problems)."""
     path = Path(path)
-    if path.is_dir() and (path / "world.json").exists():
+    if not path.exists():
+        raise DataError(f"{path}: not found (give a records .jsonl/.json file, a task, a stream YAML or a world)")
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        tasks = [records_file_task(path, Path(data_root) if data_root else None)]
+    elif path.is_dir() and (path / "world.json").exists():
         streams = json.loads((path / "world.json").read_text()).get("streams", {})
         tasks = {t.manifest: t for s in streams.values() for t in load_stream(path / s).all_tasks}.values()
     elif path.suffix in (".yaml", ".yml") and path.name != "task.yaml":

@@ -64,7 +64,18 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     # A stream mixing modalities trains every projector it uses, but a batch of one task feeds only its own: DDP must
     # expect parameters without a gradient in a step.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    _release_single_process_state(cfg.train.precision)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision, kwargs_handlers=[ddp])
+
+
+def _release_single_process_state(precision: str) -> None:
+    """Accelerate keeps one process-wide state and refuses another mixed precision later in the same process; runs
+    of one process (a script or notebook running several configs in turn) may change it, so release that state."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes == 1 and AcceleratorState._shared_state and \
+            AcceleratorState().mixed_precision != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def set_trainable(model: MLLM, parts: list[str], modalities: set[str] | None = None) -> None:
@@ -106,5 +117,10 @@ def build_context(
     if cfg.checkpoint.every_steps and no_mid:
         raise ConfigError(f"checkpoint.every_steps: {no_mid} cannot resume inside a task; use 0 (task boundaries)")
     set_trainable(model, cfg.model.train, modalities)
+    if cfg.train.activation_checkpointing:
+        enabled = model.enable_activation_checkpointing()
+        if not enabled:
+            raise ConfigError("train.activation_checkpointing: no part of this model supports it")
+        log(f"activation checkpointing in {', '.join(sorted(set(enabled)))}")
     ctx = Context(cfg, accelerator, model, processor, stream, cfg.run_dir, MediaLoader(processor), records)
     return ctx, strategies, problems

@@ -115,6 +115,18 @@ class MLLM(nn.Module):
         """The output head (lm_head)."""
         raise NotImplementedError
 
+    def enable_activation_checkpointing(self) -> list[str]:
+        """Recompute activations in backward instead of storing them, in every Hugging Face part that supports it
+        (non-reentrant, so frozen inputs and PEFT adapters work); returns the classes it was enabled in."""
+        done = []
+        for module in self.modules():
+            if module is not self and getattr(module, "supports_gradient_checkpointing", False) and hasattr(
+                    module, "activation_checkpointing_enable") and not getattr(module, "is_activation_checkpointing",
+                                                                              False):
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                done.append(type(module).__name__)
+        return done
+
     def media_inputs(self, media: Media, input_ids: torch.Tensor) -> dict[str, Any]:
         """Keyword arguments of `forward`/`generate_new` for the batch's media (rows in order)."""
         raise NotImplementedError
