@@ -13,7 +13,7 @@ from mmcl.eval.scorers import (
     register_scorer,
 )
 
-BUILTIN = ["exact_match", "vqa_accuracy", "option_letter", "box_iou", "classification", "cider"]
+BUILTIN = ["exact_match", "vqa_accuracy", "vqa_accuracy_simple", "option_letter", "box_iou", "classification", "cider"]
 
 # ------------------------------------------------------------------------------------------- normalisation
 
@@ -108,7 +108,7 @@ def test_exact_match() -> None:
     assert res.score == pytest.approx(50.0)
 
 
-def test_vqa_accuracy() -> None:
+def test_vqa_accuracy_simple_is_p4s_min_matches_over_3() -> None:
     ten = ["2", "2", "two", "3", "3", "3", "3", "3", "3", "3"]
     preds = ["2", "3", "Two", "4", "two"]
     refs = [ten, ten, ["2", "2"], ten, ["2"]]
@@ -117,9 +117,24 @@ def test_vqa_accuracy() -> None:
     # "Two"→"2" vs ["2","2"]: 2/3 → 66.67
     # "4": 0 matches → 0
     # "two" vs ["2"]: 1/3 → 33.33
-    res = get_scorer("vqa_accuracy")(preds, refs)
+    res = get_scorer("vqa_accuracy_simple")(preds, refs)
     assert res.per_sample == pytest.approx([100.0, 100.0, 200 / 3, 0.0, 100 / 3])
     assert res.score == pytest.approx((100 + 100 + 200 / 3 + 0 + 100 / 3) / 5)  # = 60.0
+
+
+def test_vqa_accuracy_official_leave_one_out_with_ten_answers() -> None:
+    ten = ["2", "2", "two", "3", "3", "3", "3", "3", "3", "3"]
+    two_of_ten = ["2", "2", "3", "3", "3", "3", "3", "3", "3", "3"]
+    preds = ["2", "3", "2", "none", "Two", "two"]
+    refs = [ten, ten, two_of_ten, ["0", "zero", "x", "x", "x", "x", "x", "x", "x", "x"], ["2", "2"], ["2"]]
+    # "2" vs ten (3 matches): leaving out one of the 3 matches leaves 2 → 2/3 (3 sets); any other set keeps 3 → 1
+    #   (7 sets): (3·2/3 + 7·1)/10 = 0.9 → 90
+    # "3" (7 matches): every set keeps ≥ 6 → 1 → 100
+    # "2" vs two_of_ten: leaving out a match → 1/3 (2 sets), else 2/3 (8 sets): (2/3 + 16/3)/10 = 0.6 → 60
+    # "none" → "0" matches "0" and "zero" (2 of 10): as above → 60
+    # fewer than 10 references: min(1, matches/3), as before: 2/3 → 66.67, 1/3 → 33.33
+    res = get_scorer("vqa_accuracy")(preds, refs)
+    assert res.per_sample == pytest.approx([90.0, 100.0, 60.0, 60.0, 200 / 3, 100 / 3])
 
 
 def test_classification_uses_first_reference_only() -> None:
@@ -146,6 +161,10 @@ def test_classification_uses_first_reference_only() -> None:
         ("A", "a", 100.0),  # reference letter read with the same rule: "a" → "A"
         ("A", "(A) a dog", 100.0),
         ("D is wrong, B", "B", 0.0),  # the first standalone capital wins
+        ("The answer is (C).", "C", 100.0),  # explicit forms come first
+        ("Answer: d", "D", 100.0),
+        ("I choose option B", "B", 100.0),  # "option B" beats the standalone "I"
+        ("A. a circle", "A", 100.0),
     ],
 )
 def test_option_letter(pred: str, ref: str, expected: float) -> None:

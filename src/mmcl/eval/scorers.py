@@ -74,7 +74,7 @@ def list_scorers() -> list[str]:
 # --------------------------------------------------------------------------------------------- normalisation
 
 _NUMBER_WORDS = {
-    "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
 _ARTICLES = {"a", "an", "the"}
@@ -88,7 +88,9 @@ def normalize_answer(text: str) -> str:
     """VQA-style answer normalisation so that "Two." and "2" compare equal.
 
     Lower-cases, drops punctuation (keeping decimal points inside numbers, so "3.5" survives), maps the
-    number words zero..ten to digits, drops the articles a/an/the and collapses whitespace.
+    number words zero..ten (and "none", as the official VQA evaluation does) to digits, drops the articles
+    a/an/the and collapses whitespace. Apostrophes are dropped, so "don't" and "dont" meet, as the official
+    contraction table makes them meet.
     """
     text = text.lower().strip()
     text = _THOUSANDS_COMMA.sub("", text)
@@ -135,16 +137,34 @@ def exact_match(predictions: list[str], references: list[list[str]]) -> ScoreRes
     return _result(per)
 
 
+def _vqa_simple(pred: str, refs: Sequence[str]) -> float:
+    matches = sum(pred == r for r in refs)
+    return min(1.0, matches / 3.0)
+
+
 @register_scorer("vqa_accuracy")
 def vqa_accuracy(predictions: list[str], references: list[list[str]]) -> ScoreResult:
-    """VQA accuracy: min(1, #references equal to the prediction / 3) ×100, after normalisation."""
+    """VQA accuracy as the official VQA evaluation computes it, ×100, after normalisation: with the benchmark's 10
+    human answers, the mean over the 10 leave-one-out sets of min(1, #matches in the other 9 / 3); with any other
+    number of references (built-in tasks, converted sets), min(1, #matches / 3)."""
     _check_inputs(predictions, references, "vqa_accuracy")
     per = []
     for pred, refs in zip(predictions, references):
-        p = normalize_answer(pred)
-        matches = sum(p == normalize_answer(r) for r in refs)
-        per.append(100.0 * min(1.0, matches / 3.0))
+        p, rs = normalize_answer(pred), [normalize_answer(r) for r in refs]
+        if len(rs) == 10:
+            per.append(100.0 * sum(_vqa_simple(p, rs[:k] + rs[k + 1 :]) for k in range(10)) / 10)
+        else:
+            per.append(100.0 * _vqa_simple(p, rs))
     return _result(per)
+
+
+@register_scorer("vqa_accuracy_simple")
+def vqa_accuracy_simple(predictions: list[str], references: list[list[str]]) -> ScoreResult:
+    """P4's simpler VQA accuracy: min(1, #references equal to the prediction / 3) ×100, after normalisation, over
+    all references (no leave-one-out)."""
+    _check_inputs(predictions, references, "vqa_accuracy_simple")
+    return _result([100.0 * _vqa_simple(normalize_answer(p), [normalize_answer(r) for r in refs])
+                    for p, refs in zip(predictions, references)])
 
 
 @register_scorer("classification")
@@ -164,8 +184,22 @@ _CAPITAL_LETTER = re.compile(r"(?<![A-Za-z'’])([A-Z])(?![A-Za-z])")
 _LOWER_LETTER = re.compile(r"(?<![A-Za-z'’])([a-z])(?![A-Za-z'’])")
 
 
+_EXPLICIT_LETTER = [
+    re.compile(r"\(([A-Za-z])\)"),  # "(B)"
+    # "The answer is B", "Answer: b", "option C"
+    re.compile(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-Za-z])\b(?![A-Za-z'’])", re.IGNORECASE),
+    re.compile(r"^\s*([A-Za-z])\s*(?:[.):]|$)"),  # "B", "B.", "B)", "B:" at the start
+]
+
+
 def _option_letter(text: str) -> str | None:
-    """The first standalone capital letter, else the first standalone lower-case letter (upper-cased)."""
+    """The option letter of an answer: an explicit form first — "(B)", "the answer is B" / "option: B", or a
+    letter that opens the answer as "B", "B." or "B)" — else the first standalone capital letter, else the first
+    standalone lower-case letter (upper-cased)."""
+    for pattern in _EXPLICIT_LETTER:
+        m = pattern.search(text)
+        if m:
+            return m.group(1).upper()
     m = _CAPITAL_LETTER.search(text) or _LOWER_LETTER.search(text)
     return m.group(1).upper() if m else None
 
