@@ -337,3 +337,27 @@ def test_early_stopping_keeps_the_weights_of_the_best_epoch(micro_overrides):
     best, last = seen[record["best_epoch"] - 1], seen[-1]
     assert all(torch.equal(final[n], best[n]) for n in best)
     assert any(not torch.equal(final[n], last[n]) for n in last)  # the last epoch's weights were not kept
+
+
+def test_sharded_evaluation_generates_only_its_share_and_scores_the_gathered_answers(micro_overrides):
+    """Rank 0 of 2 generates records 0, 2, 4; the other rank's answers arrive through `gather` (here: a stand-in
+    giving "zzz" for records 1 and 3) and every record is scored in file order."""
+    from mmcl.eval.generate import evaluate_task
+
+    ctx, _, _ = build_context(load_config(None, micro_overrides("shard", tasks=1, **{"data.test_limit": 5})),
+                              log=lambda *a: None)
+    task = ctx.stream.tasks[0]
+    records = ctx.records[task.name]["test"]
+    full = ctx.score(task, "test")
+    calls = []
+
+    def gather(pairs):
+        calls.append([i for i, _ in pairs])
+        return pairs + [(1, "zzz"), (3, "zzz")]
+
+    half = evaluate_task(ctx.model, ctx.processor, ctx.collator(left_pad=True), task, records, batch_size=4,
+                         device=ctx.device, max_new_tokens=ctx.config.eval.max_new_tokens, shard=(0, 2), gather=gather)
+    assert calls == [[0, 2, 4]]
+    got = [p["prediction"] for p in half.predictions]
+    assert got[1] == got[3] == "zzz" and [got[i] for i in (0, 2, 4)] == [full.predictions[i]["prediction"]
+                                                                        for i in (0, 2, 4)]

@@ -129,6 +129,25 @@ def test_two_processes_train_like_one_and_only_rank_0_writes(micro_overrides, mo
     assert_no_partial_checkpoints(run_dir)
 
 
+def test_evaluation_is_sharded_over_two_processes_and_gives_the_same_matrix_row(micro_overrides, monkeypatch,
+                                                                               tmp_path):
+    """Each rank generates its share of the test records (5 records: 3 and 2), rank 0 gathers them in file order:
+    row 0 (the untouched base, the same weights in both runs) has exactly the predictions and scores of one
+    process."""
+    over = dict(FAST, **{"data.test_limit": 5, "eval.max_new_tokens": 3, "eval.retention": "true"})
+    proc = subprocess.run(torchrun(micro_overrides("shard", tasks=1, **over)), env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fast_engine(monkeypatch)
+    single = loop.run(load_config(None, micro_overrides("shard-1", tasks=1, **over)), **QUIET)
+    two = tmp_path / "shard"
+    rows = [json.loads((d / "matrix.json").read_text())["rows"][0] for d in (two, single)]
+    assert rows[0] == rows[1]
+    for task in ("color_qa", "lang_arith"):
+        a, b = ((d / "predictions" / "row-00" / f"{task}.jsonl").read_text().splitlines() for d in (two, single))
+        assert len(a) == 5 and a == b
+
+
 def test_moincl_in_two_processes_makes_the_same_pseudo_examples_on_every_rank(micro_overrides, micro_world,
                                                                              monkeypatch, tmp_path):
     """Every rank generates the same pseudo examples (greedy teacher, seeded choice of inputs), so with its

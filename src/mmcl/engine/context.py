@@ -118,8 +118,13 @@ class Context:
                                 **generation_options(self.config.eval))
 
     def score(self, task: Task, split: str) -> TaskResult:
-        """The trained model's score (and predictions) on one split of a task, as the accuracy matrix measures it."""
+        """The trained model's score (and predictions) on one split of a task, as the accuracy matrix measures it.
+        With several processes each generates its share of the records and every process gets all answers."""
+        from accelerate.utils import gather_object
+
         cfg = self.config.eval
+        acc = self.accelerator
         return evaluate_task(self.model, self.processor, self.collator(left_pad=True), task,
                              self.records[task.name][split], batch_size=cfg.batch_size, device=self.device,
-                             dtype=self.dtype, max_new_tokens=cfg.max_new_tokens, **generation_options(cfg))
+                             dtype=self.dtype, max_new_tokens=cfg.max_new_tokens, **generation_options(cfg),
+                             shard=(acc.process_index, acc.num_processes), gather=gather_object)

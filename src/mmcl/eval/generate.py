@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,12 +77,24 @@ def evaluate_task(
     max_new_tokens: int | None = None,
     num_beams: int = 1,
     repetition_penalty: float = 1.0,
+    shard: tuple[int, int] = (0, 1),
+    gather: Callable[[list], list] | None = None,
 ) -> TaskResult:
-    """Score a task's test records with its scorer; returns the score (0-100 scale) and per-record predictions."""
-    answers = generate_answers(
-        model, processor, collator, records, task.name, max_new_tokens or task.max_new_tokens, batch_size, device, dtype,
-        num_beams=num_beams, repetition_penalty=repetition_penalty,
-    )
+    """Score a task's test records with its scorer; returns the score (0-100 scale) and per-record predictions.
+
+    With `shard` = (rank, world) > 1 process, this process generates only records rank, rank + world, ... and
+    `gather` (every process's list, concatenated in rank order, on every process) brings the answers together, so
+    every process scores all records in file order and returns the same result."""
+    rank, world = shard
+    mine = list(range(rank, len(records), world))
+    answers_mine = generate_answers(
+        model, processor, collator, [records[i] for i in mine], task.name, max_new_tokens or task.max_new_tokens,
+        batch_size, device, dtype, num_beams=num_beams, repetition_penalty=repetition_penalty,
+    ) if mine else []
+    answers = [""] * len(records)
+    pairs = list(zip(mine, answers_mine))
+    for i, a in (gather(pairs) if world > 1 and gather is not None else pairs):
+        answers[i] = a
     refs = [r.references for r in records]
     result = get_scorer(task.scorer)(answers, refs)
     preds = [
