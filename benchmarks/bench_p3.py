@@ -60,28 +60,6 @@ QUICK = {"tir_steps": 5, "tir_min_rounds": 2, "tir_max_rounds": 2, "tir_budget_s
 # -- shared set-up --------------------------------------------------------------------------------------------------
 
 
-def _stream_context(names: list[str], task_paths: list[Path], run_dir: Path, model_path: Path, **strategy_options):
-    """(ctx, strategies, cfg): a run's context for `names` on a stream of `task_paths`, as the engine builds it."""
-    import yaml
-
-    from mmcl.config import DataConfig, ModelConfig, RunConfig, StrategySpec, TrainConfig
-    from mmcl.engine.setup import build_context, make_accelerator
-    from mmcl.seeding import seed_everything
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stream_file = run_dir / "stream.yaml"
-    stream_file.write_text(yaml.safe_dump({"name": "bench", "tasks": [str(p) for p in task_paths]}))
-    cfg = RunConfig(
-        name=f"bench-{'-'.join(names)}", output_dir=str(run_dir),
-        strategies=[StrategySpec(n, dict(strategy_options.get(n, {}))) for n in names],
-        model=ModelConfig(path=str(model_path)), data=DataConfig(stream=str(stream_file)),
-        train=TrainConfig(epochs=1000, batch_size=BATCH_SIZE, lr=1e-3, warmup_ratio=0.03),
-    ).validate()
-    accelerator = make_accelerator(cfg)
-    seed_everything(cfg.seed)
-    ctx, strategies, _ = build_context(cfg, accelerator, log=lambda *a: None)
-    strategies.prepare_model(ctx)
-    return ctx, strategies, cfg
 
 
 def _start_task(ctx, strategies, index: int) -> float:
@@ -188,7 +166,7 @@ def bench_tir(kind: str, world: Path, model_path: Path, run_dir: Path, mode: dic
 
     image = _image_tasks(world)
     t_setup = time.perf_counter()
-    ctx, strategies, _ = _stream_context([f"tir_{kind}"], image[:2], run_dir, model_path)
+    ctx, strategies, _ = benchutil.stream_context([f"tir_{kind}"], image[:2], run_dir, model_path)
     first_start_s = _start_task(ctx, strategies, 0)  # task 1: embedding only (nothing stored to re-weight yet)
     _train_task(ctx, strategies, 0, FIRST_TASK_STEPS)
     tir = strategies[0]
@@ -306,7 +284,7 @@ def bench_eproj(world: Path, model_path: Path, run_dir: Path, mode: dict) -> dic
     from mmcl.models.experts import ExpertProjector
 
     t_setup = time.perf_counter()
-    ctx, strategies, cfg = _stream_context(["eproj"], _image_tasks(world)[:EPROJ_TASKS], run_dir, model_path)
+    ctx, strategies, cfg = benchutil.stream_context(["eproj"], _image_tasks(world)[:EPROJ_TASKS], run_dir, model_path)
     eproj = strategies[0]
     for i in range(EPROJ_TASKS):
         _start_task(ctx, strategies, i)
@@ -392,7 +370,7 @@ def bench_encoder(model_path: Path, tmp: Path, mode: dict, samples: int = ENCODE
     world_s = time.perf_counter() - t
 
     t_setup = time.perf_counter()
-    ctx, strategies, _ = _stream_context(["sequential"], [world / "tasks" / ENCODER_TASK], tmp / "encoder",
+    ctx, strategies, _ = benchutil.stream_context(["sequential"], [world / "tasks" / ENCODER_TASK], tmp / "encoder",
                                          model_path)
     ctx.task_index = 0
     strategies.use_task(ctx.task.name)

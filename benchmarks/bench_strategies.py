@@ -78,31 +78,20 @@ class Case:
 def build_case(name: str, world: Path, model_path: Path, run_dir: Path) -> Case:
     import yaml
 
-    from mmcl.config import DataConfig, ModelConfig, RunConfig, StrategySpec, TrainConfig
+    from mmcl.config import StrategySpec, TrainConfig
     from mmcl.engine.hooks import Strategies
-    from mmcl.engine.setup import build_context, make_accelerator
     from mmcl.engine.train import fit
     from mmcl.seeding import SEED_BATCH_ORDER, seed_everything, task_seed
     from mmcl.strategies import build_strategies
 
     names, base_names = CASES[name]
     case = Case(name, names, base_names)
-    (run_dir / name).mkdir(parents=True, exist_ok=True)
-    stream_file = run_dir / name / "stream.yaml"  # the benchmark trains the first two tasks only
+    # the benchmark trains the first two tasks only; the retention tasks are MoInCL's instructions (never evaluated)
     image = yaml.safe_load((world / "streams" / "image.yaml").read_text())
-    stream_file.write_text(yaml.safe_dump({  # the retention tasks are MoInCL's instructions; nothing is evaluated
-        "name": "bench", "tasks": [str(world / "streams" / t) for t in image["tasks"][:2]],
-        "retention": [str(world / "streams" / t) for t in image.get("retention", [])]}))
-    cfg = RunConfig(
-        name=f"bench-{name}", output_dir=str(run_dir / name), strategies=[StrategySpec(n) for n in names],
-        model=ModelConfig(path=str(model_path)), data=DataConfig(stream=str(stream_file)),
-        train=TrainConfig(epochs=1000, batch_size=BATCH_SIZE, lr=1e-3, warmup_ratio=0.03),
-    ).validate()
-    accelerator = make_accelerator(cfg)
-    seed_everything(cfg.seed)
-    ctx, strategies, _ = build_context(cfg, accelerator, log=lambda *a: None)
-    model = ctx.model
-    strategies.prepare_model(ctx)
+    ctx, strategies, cfg = benchutil.stream_context(
+        names, [world / "streams" / t for t in image["tasks"][:2]], run_dir / name, model_path,
+        retention=[world / "streams" / t for t in image.get("retention", [])])
+    accelerator, model = ctx.accelerator, ctx.model
 
     # first task: a few steps with the strategy's hooks, then its task end (importance, teacher, memory, EMA swap)
     ctx.task_index = 0

@@ -242,3 +242,30 @@ def paired_rounds(run_a, run_b, *, steps: int, min_rounds: int, max_rounds: int,
         out["b_loop_steps_per_s"] = spread([y.loop_rate for y in b])
         out["loop_interval"] = ratio_interval([x.loop_rate / y.loop_rate for x, y in zip(a, b)])
     return out
+
+
+def stream_context(names: list[str], task_paths: list[Path], run_dir: Path, model_path: Path,
+                   retention: list[Path] = (), **strategy_options):
+    """(ctx, strategies, cfg): a run's context for the strategies `names` on a stream of `task_paths` (and
+    `retention` tasks), exactly as the engine builds it, up to and including `prepare_model`; global batch 16."""
+    import yaml
+
+    from mmcl.config import DataConfig, ModelConfig, RunConfig, StrategySpec, TrainConfig
+    from mmcl.engine.setup import build_context, make_accelerator
+    from mmcl.seeding import seed_everything
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stream_file = run_dir / "stream.yaml"
+    stream_file.write_text(yaml.safe_dump({"name": "bench", "tasks": [str(p) for p in task_paths],
+                                                  "retention": [str(p) for p in retention]}))
+    cfg = RunConfig(
+        name=f"bench-{'-'.join(names)}", output_dir=str(run_dir),
+        strategies=[StrategySpec(n, dict(strategy_options.get(n, {}))) for n in names],
+        model=ModelConfig(path=str(model_path)), data=DataConfig(stream=str(stream_file)),
+        train=TrainConfig(epochs=1000, batch_size=16, lr=1e-3, warmup_ratio=0.03),
+    ).validate()
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    ctx, strategies, _ = build_context(cfg, accelerator, log=lambda *a: None)
+    strategies.prepare_model(ctx)
+    return ctx, strategies, cfg
