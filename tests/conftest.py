@@ -52,7 +52,8 @@ def micro_model(micro_world) -> Path:
     cfg = PretrainConfig(
         vocab_size=400,
         vision_steps=60,
-        sizes=TinySizes(hidden=32, layers=2, heads=2, intermediate=64, vision_hidden=32, vision_layers=1),
+        sizes=TinySizes(hidden=32, layers=2, heads=2, intermediate=64, vision_hidden=32, vision_layers=1, image_size=32,
+                        video_pool=2),
         language=TrainConfig(epochs=2, batch_size=16, lr=3e-3),
         align=TrainConfig(epochs=1, batch_size=16, lr=3e-3),
     )

@@ -22,12 +22,15 @@ import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerFast
 
 from mmcl.engine import checkpoint as ck
+from mmcl.models.base import MLLM, Processor
 from mmcl.strategies import Strategy
 
 if TYPE_CHECKING:
@@ -304,3 +307,65 @@ def assert_no_partial_checkpoints(run_dir: Path) -> None:
     if (root / "latest").exists():
         ck.verify_checkpoint(latest(run_dir))
 
+
+# -- a model whose log-probabilities are known by hand (language probes, lm-eval adapter) ----------------------------------------------------------------
+
+# Vocabulary: <s>=0, a=1, b=2, c=3. Row t: the next-token distribution after token t (each row sums to 1).
+NEXT = torch.tensor([
+    [0.10, 0.40, 0.40, 0.10],  # after <s>
+    [0.05, 0.50, 0.25, 0.20],  # after a
+    [0.10, 0.10, 0.20, 0.60],  # after b
+    [0.25, 0.25, 0.25, 0.25],  # after c
+])  # fmt: skip
+
+
+class Bigram(MLLM):
+    """A real (tiny) MLLM whose logits at a position are log NEXT[token]: every log-likelihood is a sum of logs of
+    the table's entries."""
+
+    modalities = ()
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(NEXT.log(), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+    def media_inputs(self, media, input_ids):
+        return {}
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "a": 1, "b": 2, "c": 3}, unk_token="<s>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>", pad_token="<s>")
+
+
+def word_processor() -> Processor:
+    proc = Processor()
+    proc.tokenizer, proc.pad_id, proc.eos_ids = word_tokenizer(), 0, [0]
+    return proc
+
+
+def sigterm_at_first_mid_task_checkpoint(command: list[str], run_dir: Path, env: dict, timeout: float = 120,
+                                         poll: float = 0.02) -> tuple[int, str, str]:
+    """Start `command`, send SIGTERM as soon as its run directory holds a mid-task checkpoint, and return (exit
+    code, stdout, stderr); the process is killed if it outlives the test."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not list((run_dir / "checkpoints").glob("*-step-*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no mid-task checkpoint appeared"
+            time.sleep(poll)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err

@@ -20,7 +20,8 @@ from PIL import Image
 from mmcl.config import load_config
 from mmcl.data.batching import Collator, Example, MediaLoader, encode_records
 from mmcl.data.media import frame_indices
-from mmcl.data.records import check_media_file, load_stream, load_task, read_records
+from mmcl.data.records import check_media_file, load_task, read_records
+from mmcl.data.streams import load_stream
 from mmcl.data.synth import WorldSizes, world_texts, write_world
 from mmcl.data.synth.clips import clip_bytes
 from mmcl.data.synth.shapes import BACKGROUNDS, COLOURS
@@ -33,8 +34,9 @@ from mmcl.models.mllm import P4_CUES, ModalitySpec, P4Adapter, pool_tokens
 from mmcl.models.tiny import TinySizes, build_tiny
 from mmcl.models.tokenizer import train_bpe_tokenizer
 
+# 32 px images, patch 8 (a 4x4 grid), video pooled 2x2: the by-hand computations below are written for these sizes
 SIZES = TinySizes(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32, vision_layers=1, audio_hidden=32,
-                  audio_layers=1)
+                  audio_layers=1, image_size=32, patch_size=8, video_pool=2)
 SMALL = WorldSizes(train=6, test=6, lang_train=6, align=8, image_size=32)
 MICL1 = ["audio_cap", "image_cap", "video_qa", "audio_qa", "image_qa", "video_cap"]
 MICL2 = ["image_cap", "video_cap", "video_qa", "image_qa", "audio_cap", "audio_qa"]

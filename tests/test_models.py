@@ -22,7 +22,8 @@ from mmcl.models.mllm import ModalitySpec
 from mmcl.models.tiny import TinySizes, build_tiny
 from mmcl.models.tokenizer import ConversationFormat, train_bpe_tokenizer
 
-SIZES = TinySizes(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32, vision_layers=1)
+# 32 px images, patch 8: 16 image tokens, what these tests are written for
+SIZES = TinySizes(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32, vision_layers=1, image_size=32)
 N_IMAGE = (32 // 8) ** 2  # placeholder positions per image for SIZES
 TEXTS = [
     "USER: ASSISTANT:",

@@ -108,7 +108,10 @@ def test_load_instructions_formats_and_refusals(tmp_path):
     ]) + "\n")
     convs = load_instructions(jsonl)
     assert [c[0]["value"] for c in convs] == ["Say hi.", "Add.\n2 and 3", "Spell cat.", "Name a colour."]
-    assert all(c[-1]["from"] == "gpt" for c in convs)
+    assert all(c[-1]["from"] == "human" for c in convs)  # prompts only: the teacher gives the answers
+    answered = tmp_path / "a.jsonl"
+    answered.write_text(json.dumps({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}))
+    assert load_instructions(answered) == [[{"from": "human", "value": "Q"}]]
     lst = tmp_path / "i.json"
     lst.write_text(json.dumps([{"text": "Hello"}]))
     assert load_instructions(lst)[0][0]["value"] == "Hello"
@@ -345,14 +348,21 @@ def test_p4_order1_recipe_sets_its_per_step_table(micro_world):
     ]
 
 
-def test_ikd_without_instructions_is_refused_before_training(overrides, micro_world, tmp_path):
-    path = tmp_path / "no-retention.yaml"
+def test_ikd_default_pool_is_the_builtin_instruction_set_not_the_retention_tasks(overrides, micro_world, tmp_path):
+    from mmcl.data.synth.instructions import instruction_pool
+
+    ctx = make_ctx(overrides("inst"))  # the stream has the lang_arith retention task
+    s = MoInCL()
+    s.prepare_model(ctx)
+    assert [c[0]["value"] for c in s._instructions] == instruction_pool()
+    retention = {r.conversations[0]["value"] for r in ctx.records["lang_arith"]["test"]}
+    assert not retention & {c[0]["value"] for c in s._instructions}
+    path = tmp_path / "no-retention.yaml"  # a stream without any text task: the same pool
     path.write_text(yaml.safe_dump({"name": "x", "tasks": [str(micro_world / "tasks" / t) for t in
                                                             ("caption", "color_qa")]}))
-    ctx = make_ctx(overrides("noinst") + [f"data.stream={path}"])
-    with pytest.raises(ValueError, match="ikd needs text-only instructions.*ikd=false"):
-        MoInCL().prepare_model(ctx)
-    MoInCL(MoInCLOptions(ikd=False)).prepare_model(ctx)  # fine without IKD
+    other = MoInCL()
+    other.prepare_model(make_ctx(overrides("noinst") + [f"data.stream={path}"]))
+    assert other._instructions == s._instructions
 
 
 # -- through the engine --------------------------------------------------------------------------------------------
@@ -376,7 +386,7 @@ def test_end_to_end_two_tasks_and_both_off_equals_sequential(overrides, monkeypa
 
     monkeypatch.setattr(MoInCL, "extra_loss", spy)
     inst = tmp_path / "inst.jsonl"
-    inst.write_text("\n".join(json.dumps(f"What is {i} plus {i}?") for i in range(6)) + "\n")
+    inst.write_text("\n".join(json.dumps(f"Say {i} and {i} again.") for i in range(6)) + "\n")
     built: list = []
     monkeypatch.setattr(setup, "build_strategies", lambda specs: built.append(build_strategies(specs)) or built[-1])
     d = loop.run(load_config(None, overrides("e2e", strategies="[moincl]",
@@ -416,7 +426,7 @@ def test_ikd_pseudo_mode_trains_on_the_teachers_answers(overrides):
         queries = [Record(f"q{i}", s._instructions[i], [], {}, "x") for i in index]
         answers = generate_answers(s.teacher, ctx.processor, ctx.collator(left_pad=True), queries, "x", 6, 8, ctx.device,
                                    ctx.dtype)
-        alone = [Example(f"a{i}", *ctx.processor.encode([*q.conversations[:-1], {"from": "gpt", "value": a}]), {}, "x")
+        alone = [Example(f"a{i}", *ctx.processor.encode([*q.conversations, {"from": "gpt", "value": a}]), {}, "x")
                  for i, q, a in zip(index, queries, answers)]
         direct = next(ctx.batches(alone, len(alone)))
         n = int((direct.labels[:, 1:] != -100).sum())

@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 
 from mmcl.cli import main
-from mmcl.data.records import DataError, Problem, load_stream, load_task, read_records, validate_path
+from mmcl.data.records import DataError, Problem, load_task, read_records
+from mmcl.data.streams import load_stream, validate_path
 
 
 def _png(path: Path, colour: tuple[int, int, int] = (255, 0, 0)) -> Path:

@@ -10,16 +10,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from support import FAST, PROBE, QUIET, assert_no_partial_checkpoints, fast_engine, latest, stream_file, tensors_of
+from support import (
+    FAST,
+    PROBE,
+    QUIET,
+    assert_no_partial_checkpoints,
+    fast_engine,
+    latest,
+    sigterm_at_first_mid_task_checkpoint,
+    stream_file,
+    tensors_of,
+)
 
 from mmcl.cli import main
 from mmcl.config import load_config
@@ -30,6 +38,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]  # child processes: ~25
 
 HERE = Path(__file__).resolve().parent
 ATOL = 1e-5  # documented in docs/reliability.md: 2 processes vs 1 differ only by float summation order
+MOINCL_ATOL = 5e-5  # docs/reliability.md: MoInCL's pseudo targets come from a teacher that is itself within ATOL
 
 
 @pytest.fixture(autouse=True)
@@ -63,19 +72,9 @@ def test_sigterm_to_the_cli_exits_143_with_a_checkpoint_and_resume_gives_the_sam
             "data.test_limit": 2, "eval.max_new_tokens": 2, "eval.retention": "false"}
     args = micro_overrides("cli-cut", tasks=2, **over, **{"checkpoint.every_steps": 1})
     run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
-    proc = subprocess.Popen([sys.executable, "-m", "mmcl.cli", "run", *args, "--no-progress"], env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list((run_dir / "checkpoints").glob("*-step-*")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "no mid-task checkpoint appeared"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err[-2000:]
+    code, out, err = sigterm_at_first_mid_task_checkpoint([sys.executable, "-m", "mmcl.cli", "run", *args,
+                                                           "--no-progress"], run_dir, child_env())
+    assert code == 143, err[-2000:]
     assert "preempted:" in err and "stopped" in err
     assert "SIGTERM: finishing the current step, then writing a checkpoint" in out
     assert_no_partial_checkpoints(run_dir)
@@ -168,13 +167,16 @@ def test_moincl_in_two_processes_makes_the_same_pseudo_examples_on_every_rank(mi
         if name == "ptgm":
             w2, w1 = tensors_of(latest(tmp_path / "ddp-ptgm"))["model"], tensors_of(latest(single))["model"]
             worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-            assert worst <= ATOL, f"MoInCL (pseudo examples only), 2 processes vs 1: max |difference| {worst:.2e}"
+            # the teacher that writes the pseudo targets is the model after task 1, which 2 processes reach only up to
+            # float summation order: a greedy near-tie can flip a pseudo-target token, so the bound is MOINCL_ATOL
+            assert worst <= MOINCL_ATOL, f"MoInCL (pseudo examples only), 2 processes vs 1: max |difference| {worst:.2e}"
             # negative control: without the pseudo examples the weights are measurably different
             plain = loop.run(load_config(None, micro_overrides("plain", tasks=1, **FAST, strategies="[moincl]")
                                          + [f"data.stream={stream}", *options, "strategies.moincl.pseudo=false"]),
                              **QUIET)
             wp = tensors_of(latest(plain))["model"]
-            assert max(float((wp[k] - w2[k]).abs().max()) for k in wp) > 100 * ATOL
+            control = max(float((wp[k] - w2[k]).abs().max()) for k in wp)
+            assert control > 20 * MOINCL_ATOL, f"without pseudo examples: {control:.2e}"
 
 
 def test_a_fault_on_one_rank_stops_both_without_a_hang(micro_overrides, tmp_path):

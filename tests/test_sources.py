@@ -12,8 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from mmcl.data.records import PLACEHOLDER, load_stream, load_task, read_records, validate_path
+from mmcl.data.records import PLACEHOLDER, load_task, read_records
 from mmcl.data.sources import SourceError, convert, list_sources, write_stream
+from mmcl.data.streams import load_stream, validate_path
 
 SHORT = "Answer the question using a single word or phrase."
 

@@ -91,6 +91,42 @@ def test_soft_target_loss_matches_explicit_soft_targets_and_plain_ce():
         token_cross_entropy_sum(logits, labels).item(), rel=1e-5)
 
 
+def test_soft_target_loss_averaged_over_all_positions_is_p1s_form():
+    # The by-hand batch above: one supervised position out of B·(T−1) = 2·1 = 2 positions. P1's mean over all
+    # positions is 1.1 ln 2 / 2; the engine divides the task loss by the supervised count (1), so the strategy
+    # hands it 1.1 ln 2 · 1/2. With the supervised default it hands 1.1 ln 2 (mean over the answer token).
+    from mmcl.strategies.soft_targets import SoftTargets, all_positions_scale
+
+    logits = torch.tensor([[[0.0, math.log(2), 0.0], [5.0, -3.0, 1.0]],
+                           [[9.0, 1.0, 2.0], [0.5, 0.5, 7.0]]])
+    labels = torch.tensor([[-100, 1], [-100, -100]])
+    assert all_positions_scale(labels) == 0.5
+    batch, out = SimpleNamespace(labels=labels), SimpleNamespace(logits=logits)
+    sup = SoftTargets(SoftTargetsOptions(alpha=0.1)).task_loss(None, batch, out)
+    every = SoftTargets(SoftTargetsOptions(alpha=0.1, average="all")).task_loss(None, batch, out)
+    assert sup.item() == pytest.approx(1.1 * math.log(2), rel=1e-6)
+    assert every.item() / 1 == pytest.approx(1.1 * math.log(2) / 2, rel=1e-6)  # engine: / 1 supervised token
+    # against PyTorch's cross-entropy with probability targets over every position (P1's code): unsupervised
+    # positions get an all-zero target, and the mean divides by all B·(T−1) rows
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 7, generator=g)
+    labels = torch.randint(0, 7, (3, 5), generator=g)
+    labels[:, :2] = -100
+    labels[1, 3:] = -100
+    tg = labels[:, 1:].reshape(-1)
+    target = torch.zeros(len(tg), 7)
+    keep = tg != -100
+    target[keep] = 0.2 / 6
+    target[keep.nonzero().squeeze(1), tg[keep]] = 0.8
+    p1 = F.cross_entropy(logits[:, :-1].reshape(-1, 7), target)  # reduction mean over all 12 rows
+    n_sup = int(keep.sum())
+    got = SoftTargets(SoftTargetsOptions(alpha=0.2, average="all")).task_loss(
+        None, SimpleNamespace(labels=labels), SimpleNamespace(logits=logits)) / n_sup  # the engine's division
+    assert got.item() == pytest.approx(p1.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="average must be 'supervised' or 'all'"):
+        SoftTargetsOptions(average="tokens")
+
+
 # -- freezing ---------------------------------------------------------------------------------------------------------
 
 
@@ -179,7 +215,7 @@ def _fake_ctx(*shapes):
     model = nn.Module()
     for i, s in enumerate(shapes):
         model.register_parameter(f"w{i}", nn.Parameter(torch.zeros(s)))
-    return SimpleNamespace(model=model)
+    return SimpleNamespace(model=model, run_dir=None)
 
 
 def test_ema_by_hand_and_swap_at_task_end():

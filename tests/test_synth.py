@@ -64,7 +64,7 @@ def test_different_seed_differs(world: Path, tmp_path: Path) -> None:
 
 def test_world_json_and_stream(world: Path) -> None:
     meta = json.loads((world / "world.json").read_text(encoding="utf-8"))
-    assert meta["format"] == "mmcl-world" and meta["version"] == 2 and meta["seed"] == 3
+    assert meta["format"] == "mmcl-world" and meta["version"] == 3 and meta["seed"] == 3
     assert meta["sizes"] == {"train": 8, "test": 8, "lang_train": 12, "align": 6, "image_size": 32}
     assert meta["pretrain"] == {"text": [f"tasks/{t}" for t in RETENTION],
                                 "align": ["tasks/align", "tasks/align_audio", "tasks/align_video"]}
@@ -249,3 +249,73 @@ def test_micl_caption_answers_name_what_was_generated(world: Path) -> None:
     for rec in _records(world, "video_cap", "test"):
         assert re.fullmatch(r"a \w+ \w+ (moving (to the left|to the right|up|down)|growing|shrinking|turning \w+)",
                             rec["answers"][0]), rec["answers"][0]
+
+
+def test_default_sizes_score_each_record_at_most_half_a_point() -> None:
+    assert WorldSizes().test >= 200
+
+
+def _fingerprints(world: Path, task: str, split: str) -> set[tuple[str, bytes]]:
+    out = set()
+    for rec in _records(world, task, split):
+        media = next((rec[k] for k in ("image", "audio", "video") if k in rec), None)
+        data = (world / "tasks" / task / media).read_bytes() if media else b""
+        out.add((rec["conversations"][0]["value"], data))
+    return out
+
+
+@pytest.mark.parametrize("task", STREAM + sorted(t for t in MEDIA_TASKS if not t.startswith("align")))
+def test_no_test_record_repeats_a_train_record(world: Path, task: str) -> None:
+    """A test record never shows the same prompt with the same media bytes as a train record of its task."""
+    assert _fingerprints(world, task, "test").isdisjoint(_fingerprints(world, task, "train"))
+
+
+def test_alignment_captions_name_counts_words_and_boxes(world: Path, tmp_path: Path) -> None:
+    """The alignment set holds every kind of caption, and what a caption says is what the image shows."""
+    out = write_world(tmp_path / "w", seed=5, sizes=WorldSizes(train=1, test=1, lang_train=1, align=40,
+                                                               image_size=32)).parent
+    recs = _records(out, "align", "train")
+    captions = [r["conversations"][1]["value"] for r in recs]
+    assert sum(c.startswith(("one ", "two ", "three ", "four ")) for c in captions) == 10
+    assert sum(c.startswith("the word ") for c in captions) == 10
+    assert sum("[" in c for c in captions) == 10
+    bg = np.array(BACKGROUNDS)
+    for rec, cap in zip(recs, captions):
+        pix = np.asarray(Image.open(out / "tasks" / "align" / rec["image"]).convert("RGB"))
+        ink = ~(pix[:, :, None, :] == bg[None, None]).all(-1).any(-1)
+        if "[" in cap:  # a grounded caption: its box is the drawn shape's extent
+            box = json.loads(cap[cap.index("["):])
+            ys, xs = np.nonzero(ink)
+            true = [xs.min() / 32, ys.min() / 32, (xs.max() + 1) / 32, (ys.max() + 1) / 32]
+            assert _iou(box, true) >= 0.7, (cap, true)
+        elif cap.startswith(("one ", "two ", "three ", "four ")):  # shapes sit in distinct cells of a 3x3 grid
+            n = ("one", "two", "three", "four").index(cap.split()[0]) + 1
+            ys, xs = np.nonzero(ink)
+            assert len({(y // (32 // 3), x // (32 // 3)) for y, x in zip(ys, xs)}) == n, cap
+
+
+def test_test_split_skips_samples_equal_to_train_samples(tmp_path: Path) -> None:
+    """OCR at 16 px has few distinct images, so a test draw repeats train images; the world skips those samples."""
+    from tqdm import tqdm
+
+    from mmcl.data.synth.image_tasks import STREAM_TASKS
+    from mmcl.data.synth.world import _write_split
+
+    ocr = next(s for s in STREAM_TASKS if s.name == "ocr")
+    (tmp_path / "images").mkdir()
+    with tqdm(disable=True) as bar:
+        _, train = _write_split(tmp_path, ocr, "train", 40, 0, 16, bar)
+        _, plain = _write_split(tmp_path, ocr, "test", 40, 0, 16, bar)
+        assert plain & train  # the draw does repeat train samples
+        _, kept = _write_split(tmp_path, ocr, "test", 40, 0, 16, bar, frozenset(train))
+    assert kept and not kept & train
+    assert len((tmp_path / "test.jsonl").read_text(encoding="utf-8").splitlines()) == 40
+
+
+def test_every_test_split_is_full_at_default_test_and_language_sizes(tmp_path: Path) -> None:
+    """The language skills keep their trained questions (all 155 sums are in a 600-record train split), so excluding
+    train records there would empty the arithmetic test split; every split has its 200 records."""
+    out = write_world(tmp_path / "w", seed=1, sizes=WorldSizes(train=2, test=200, lang_train=600, align=4,
+                                                               image_size=16)).parent
+    for task_dir in sorted((out / "tasks").iterdir()):
+        assert len(_records(out, task_dir.name, "test")) == 200, task_dir.name

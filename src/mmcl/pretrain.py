@@ -5,10 +5,11 @@ first learns to predict the words of each alignment caption from its pooled feat
 as in Joulin et al. 2016, "Learning Visual Features from Large Weakly Supervised Data"); the linear head is then
 discarded. Then, as in the LLaVA recipe seen as continual learning (P1): (1) the language model learns the world's
 language skills (text only); (2) vision-language alignment on image captions (LLaVA stage 1). Unlike a real LLM,
-the tiny language model has never seen caption language and the tiny vision tower has no pretrained weights, so
-stage 2 trains the tower, the projector and the language model together, with the language-skill records mixed
-in so the skills are kept. The model's scores on the language skills are saved with it, so a user can see it has
-skills to lose.
+the tiny language model has never seen caption language, so stage 2 trains the projector and the language model
+together (the image tower stays frozen after stage 0, as CLIP is in LLaVA; the audio tower trains), with
+the language-skill records mixed in so the skills are kept. The alignment captions name colours, classes, places,
+counts, written words and boxes (docs/world.md), so the stream's tasks ask for what the base has seen described.
+The model's scores on the language skills are saved with it, so a user can see it has skills to lose.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ class PretrainConfig:
     seed: int = 0
     vocab_size: int = 1024
     sizes: TinySizes = field(default_factory=TinySizes)
-    vision_steps: int = 900
-    """Stage 0 steps (batch 32, lr 2e-3); 0 skips it (e.g. for a pretrained tower)."""
+    vision_steps: int = 2400
+    """Stage 0 steps (batch 32, lr `vision_lr`); 0 skips it (e.g. for a pretrained tower). A tower from scratch tells
+    colours apart within a few hundred steps but shapes only after thousands, on thousands of images (on fewer it
+    overfits); see docs/world.md."""
+    vision_lr: float = 4e-3
     language: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_ratio=0.05))
-    align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=32, lr=1e-3, warmup_ratio=0.05))
+    align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup_ratio=0.05))
     eval_batch_size: int = 128
 
 
@@ -159,7 +163,8 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     if cfg.vision_steps and "image" in model.encoders:
         captioned = [r for t in align_tasks for r in _records(t, "train") if "image" in r.media]
         log(f"pretrain 0/2: vision tower on the words of {len(captioned)} image captions")
-        pretrain_vision(model, captioned, media, cfg.vision_steps, seed=cfg.seed, progress=progress)
+        pretrain_vision(model, captioned, media, cfg.vision_steps, seed=cfg.seed, lr=cfg.vision_lr,
+                        progress=progress)
 
     # stage 1: language skills, whole language model trained
     for p in model.parameters():
@@ -170,9 +175,13 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     log(f"pretrain 1/2: language skills on {len(text)} records ({', '.join(t.name for t in text_tasks)})")
     r1 = fit(model, text, collate, cfg.language, accelerator, seed=cfg.seed, label="language", progress=progress)
 
-    # stage 2: alignment, everything trained, language skills mixed in (see the module docstring)
+    # stage 2: alignment, language skills mixed in (see the module docstring); an image tower that stage 0 trained
+    # stays frozen, as CLIP does in LLaVA's stage 1 (trained on here at the LM's pace, it loses the shapes it knew)
     for p in model.parameters():
         p.requires_grad_(True)
+    if cfg.vision_steps and "image" in model.encoders:
+        for p in model.encoders["image"].parameters():
+            p.requires_grad_(False)
     align = [e for t in align_tasks for e in encode_records(_records(t, "train"), processor, t.name)] + text
     log(f"pretrain 2/2: vision-language alignment on {len(align) - len(text)} captions (+ language skills)")
     r2 = fit(model, align, collate, cfg.align, accelerator, seed=cfg.seed + 1, label="align", progress=progress)
@@ -186,6 +195,7 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     info = {
         "world": str(world.resolve()),
         "world_seed": index.get("seed"),
+        "world_version": index.get("version"),
         "config": asdict(cfg),
         "scores": scores,
         "steps": {"language": r1.steps, "align": r2.steps},

@@ -1,8 +1,8 @@
-"""Tasks, streams and records on disk, and the pre-flight check that finds every bad record before training.
+"""Tasks and records on disk, and the pre-flight check that finds every bad record before training.
 
 A task is a directory (or a `task.yaml`) naming its modality, type, scorer and split files; records are LLaVA
-conversations in JSONL (or a LLaVA-style JSON list), with media paths relative to the task's data root. A stream
-is an ordered list of train tasks plus evaluate-only retention tasks.
+conversations in JSONL (or a LLaVA-style JSON list), with media paths relative to the task's data root. Streams
+(ordered train tasks plus retention tasks) are read by `mmcl.data.streams`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,12 @@ MODALITIES = ("image", "audio", "video")
 TASK_TYPES = ("qa", "mcq", "caption", "grounding", "classification")
 PLACEHOLDER = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
 REQUIRED_TASK_KEYS = ("name", "modality", "type", "scorer", "splits")
+MODEL_PARTS = ("encoders", "projectors", "language_model")
+TEXT_FORMATS = ("chat", "plain")
+CHOICE_SCORER = "loglik_choice"  # mmcl.eval.language: records carry "choices", scored by option log-likelihood
+LM_EVAL_SCORER = "lm_eval"  # mmcl.eval.lm_eval_adapter: scored by lm-evaluation-harness, no records of its own
+PROBES_DIR = Path(__file__).resolve().parents[1] / "eval" / "probes"
+"""The language probes shipped with mmcl (`probe:nlu`, `probe:nlg` in a stream's retention list)."""
 
 
 @dataclass
@@ -32,6 +38,18 @@ class Task:
     manifest: Path
     description: str = ""
     max_new_tokens: int = 16
+    format: str = "chat"
+    """How log-likelihood scorers read a record: "chat" (the model's conversation format) or "plain" (raw text)."""
+    lm_eval_task: str | None = None
+    """For an `lm_eval:` retention entry: the lm-evaluation-harness task (a registered name or a YAML file)."""
+    limit: int | None = None
+    """Evaluate only the first N test records (a probe entry `probe:NAME:N`: a cheaper, coarser probe)."""
+    train_parts: list[str] | None = None
+    """Set by a stream entry `{task: DIR, train: [projectors]}`: only these parts learn during this task (on top of
+    what the method trains), e.g. LLaVA stage 1 (projector alignment) as the first task of a stream."""
+    train_lr: float | None = None
+    """Set by a stream entry `{task: DIR, lr: 1e-3}`: this task's learning rate instead of train.lr (LLaVA's stage 1
+    and stage 2 use different rates)."""
 
     def split_path(self, split: str) -> Path:
         if split not in self.splits:
@@ -59,6 +77,8 @@ class Record:
     answers: list[str]
     media: dict[str, Path]
     source: str  # "file:line", for messages
+    choices: list[str] = field(default_factory=list)
+    """Options of a multiple-choice record scored by log-likelihood (the answer is one of them)."""
 
     @property
     def answer(self) -> str:
@@ -114,6 +134,8 @@ def load_task(path: str | Path) -> Task:
     if not isinstance(data["splits"], dict) or not data["splits"]:
         raise DataError(f"{manifest}: splits must map split names to files, e.g. {{train: train.jsonl}}")
     base = manifest.parent
+    if data.get("format", "chat") not in TEXT_FORMATS:
+        raise DataError(f"{manifest}: format {data['format']!r} must be one of {', '.join(TEXT_FORMATS)}")
     return Task(
         name=str(data["name"]),
         modality=data["modality"],
@@ -124,31 +146,8 @@ def load_task(path: str | Path) -> Task:
         manifest=manifest,
         description=str(data.get("description", "")),
         max_new_tokens=int(data.get("max_new_tokens", 16)),
+        format=str(data.get("format", "chat")),
     )
-
-
-def load_stream(path: str | Path, order: list[str] | None = None) -> Stream:
-    """Load a stream file; `order` (task names) re-orders its train tasks, e.g. for task-order studies."""
-    path = Path(path)
-    data = _read_yaml(path)
-    if not data.get("tasks"):
-        raise DataError(f"{path}: a stream needs a non-empty 'tasks' list of task directories")
-    tasks = [load_task(path.parent / t) for t in data["tasks"]]
-    retention = [load_task(path.parent / t) for t in data.get("retention") or []]
-    names = [t.name for t in tasks + retention]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise DataError(f"{path}: task names must be unique; repeated: {', '.join(dupes)}")
-    if order:
-        by_name = {t.name: t for t in tasks}
-        unknown = [n for n in order if n not in by_name]
-        if unknown or sorted(order) != sorted(by_name):
-            raise DataError(
-                f"data.order must be a permutation of the stream's tasks {list(by_name)}; got {order}"
-                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
-            )
-        tasks = [by_name[n] for n in order]
-    return Stream(str(data.get("name", path.stem)), tasks, retention, path, str(data.get("description", "")))
 
 
 # -- records ----------------------------------------------------------------------------------------------------------
@@ -262,7 +261,8 @@ def read_records(
             continue
         seen.add(str(obj["id"]))
         answers = obj.get("answers") or []
-        good.append(Record(str(obj["id"]), obj["conversations"], [str(a) for a in answers], media, f"{path}:{lineno}"))
+        good.append(Record(str(obj["id"]), obj["conversations"], [str(a) for a in answers], media, f"{path}:{lineno}",
+                           list(obj.get("choices") or [])))
     return good, problems
 
 
@@ -282,6 +282,9 @@ def _check_record(obj, task: Task, seen: set[str]) -> str | None:
         return reason
     if "answers" in obj and (not isinstance(obj["answers"], list) or not all(isinstance(a, str) for a in obj["answers"])):
         return "'answers' must be a list of strings"
+    reason = _check_choices(obj, task)
+    if reason:
+        return reason
     text = "".join(t["value"] for t in obj["conversations"] if t["from"] == "human")
     for m in MODALITIES:
         has_file, n_marks = m in obj, text.count(PLACEHOLDER[m])
@@ -293,6 +296,20 @@ def _check_record(obj, task: Task, seen: set[str]) -> str | None:
             return f"text contains {PLACEHOLDER[m]} but the record has no {m!r} field"
     if task.modality in MODALITIES and task.modality not in obj:
         return f"missing {task.modality!r} (the task's modality is {task.modality})"
+    return None
+
+
+def _check_choices(obj: dict, task: Task) -> str | None:
+    """Why a record's multiple-choice options are unusable, or None (a loglik_choice task needs them)."""
+    choices = obj.get("choices")
+    if choices is None:
+        return f"missing 'choices' (the task's scorer {CHOICE_SCORER} picks among them)" \
+            if task.scorer == CHOICE_SCORER else None
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices) \
+            or len(set(choices)) != len(choices):
+        return "'choices' must be a list of at least two different non-empty strings"
+    if obj["conversations"][-1]["value"] not in choices:
+        return f"the answer {obj['conversations'][-1]['value']!r} is not one of the 'choices'"
     return None
 
 
@@ -344,31 +361,6 @@ def records_file_task(path: Path, data_root: Path | None = None) -> Task:
             break
     return Task(name=path.stem, modality=modality, type="qa", scorer="exact_match", splits={"records": path},
                 data_root=Path(data_root) if data_root else path.parent, manifest=path)
-
-
-def validate_path(path: str | Path, *, allow_outside_root: bool = False,
-                  data_root: str | Path | None = None) -> tuple[int, list[Problem]]:
-    """Check a stream file, a task (dir or task.yaml), a world directory, or a bare records file (`.jsonl`, LLaVA
-    `.json` list; media relative to its folder unless `data_root`); return (records checked, problems)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: not found (give a records .jsonl/.json file, a task, a stream YAML or a world)")
-    if path.is_file() and path.suffix in (".jsonl", ".json"):
-        tasks = [records_file_task(path, Path(data_root) if data_root else None)]
-    elif path.is_dir() and (path / "world.json").exists():
-        streams = json.loads((path / "world.json").read_text()).get("streams", {})
-        tasks = {t.manifest: t for s in streams.values() for t in load_stream(path / s).all_tasks}.values()
-    elif path.suffix in (".yaml", ".yml") and path.name != "task.yaml":
-        tasks = load_stream(path).all_tasks
-    else:
-        tasks = [load_task(path)]
-    total, problems = 0, []
-    for task in tasks:
-        for split in task.splits:
-            good, bad = read_records(task, split, allow_outside_root=allow_outside_root)
-            total += len(good) + len(bad)
-            problems += bad
-    return total, problems
 
 
 def format_problems(problems: list[Problem], limit: int = 50) -> str:

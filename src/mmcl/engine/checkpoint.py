@@ -4,14 +4,20 @@ Layout: `checkpoints/<name>/{model.safetensors, strategies.safetensors, state.js
 (the name of the newest complete checkpoint). A checkpoint is written into a hidden temporary directory, each file
 fsynced, and renamed into place in one step; `state.json` records each file's size and SHA-256, so a truncated or
 altered file is detected on load. A failed save removes its temporary directory and leaves `latest` as it was.
+A write that fails for want of space or permission (here or in safetensors' writer) becomes a `StorageError` naming
+the path, the fix and the `--resume` command; `check_writable` is the run's pre-flight probe of its directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +29,55 @@ PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message names the file and the reason."""
+
+
+class StorageError(CheckpointError, OSError):
+    """Writing into the run directory failed (disk full, no permission, read-only filesystem). Also an OSError with
+    the original errno, and a CheckpointError so the CLI prints its message as one `error:` line."""
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] ..." form
+        return str(self.args[0])
+
+
+def storage_error(path: Path, e: OSError, then: str) -> StorageError:
+    """A StorageError naming `path`, the system's reason, what to fix, and `then` (what to run after fixing)."""
+    fix = {errno.ENOSPC: "free space on that filesystem", errno.EDQUOT: "free space (the disk quota is exceeded)",
+           errno.EACCES: "fix the directory's permissions", errno.EPERM: "fix the directory's permissions",
+           errno.EROFS: "use a writable filesystem", errno.ENOTDIR: "choose another output_dir"}
+    err = StorageError(f"cannot write {path}: {e.strerror or e}; {fix.get(e.errno, 'fix the problem')}, then {then}")
+    err.errno, err.strerror, err.filename = e.errno, e.strerror, str(path)
+    return err
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `e` itself, or the one safetensors reports as text (its SafetensorError,
+    e.g. "I/O error: No space left on device (os error 28)"); None for anything else."""
+    if isinstance(e, StorageError):
+        return None
+    if isinstance(e, OSError):
+        return e
+    found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    return OSError(int(found[2]), found[1]) if found else None
+
+
+def resume_hint(ckpt_root: Path) -> str:
+    return f"continue with `mmcl run --resume {ckpt_root.parent}` (the previous checkpoint is intact)"
+
+
+def check_writable(run_dir: Path) -> None:
+    """Pre-flight: fail in the first second, not after a task's training, when the run directory (or, before it
+    exists, its nearest existing parent) can't be written. Probes by creating and removing a hidden file."""
+    where = run_dir
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        if not where.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{where} is a file, not a directory")
+        fd, probe = tempfile.mkstemp(prefix=".mmcl-write-check-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise storage_error(where, e, "run again") from e
 
 
 def sha256(path: Path) -> str:
@@ -53,8 +108,11 @@ def write_json_atomic(path: Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
         _fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise storage_error(path, e, f"continue with `mmcl run --resume {path.parent}`") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove, or the directory itself is unusable
+            tmp.unlink(missing_ok=True)
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,12 +136,15 @@ def save_checkpoint(
     protect: set[str] | None = None,
 ) -> Path:
     """Atomically write checkpoint `name` (one safetensors file per entry of `tensors`, plus state.json)."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise storage_error(tmp, e, resume_hint(ckpt_root)) from e
     try:
         files = {}
         for fname, tdict in tensors.items():
@@ -103,11 +164,19 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync_dir(ckpt_root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        io = as_os_error(e)
+        if io is not None:
+            raise storage_error(final, io, resume_hint(ckpt_root)) from e
         raise
-    (ckpt_root / ".latest.tmp").write_text(name + "\n")
-    os.replace(ckpt_root / ".latest.tmp", ckpt_root / "latest")
+    try:
+        (ckpt_root / ".latest.tmp").write_text(name + "\n")
+        os.replace(ckpt_root / ".latest.tmp", ckpt_root / "latest")
+    except OSError as e:  # the new checkpoint is complete; a resume finds it by its recorded order
+        with contextlib.suppress(OSError):
+            (ckpt_root / ".latest.tmp").unlink(missing_ok=True)
+        raise storage_error(ckpt_root / "latest", e, resume_hint(ckpt_root)) from e
     if keep_last:
         prune(ckpt_root, keep_last, protect={name} | (protect or set()))
     return final

@@ -12,6 +12,7 @@ from mmcl.data.records import Task
 from mmcl.engine.context import Context
 from mmcl.engine.cost import Cost
 from mmcl.engine.train import FitResult, StepHooks
+from mmcl.eval.generate import TaskResult
 
 
 def evaluate_row(ctx: Context, row: int, progress: bool) -> dict[str, float]:
@@ -27,13 +28,30 @@ def evaluate_row(ctx: Context, row: int, progress: bool) -> dict[str, float]:
     label = "initial" if row == 0 else f"after {ctx.stream.tasks[row - 1].name}"
     show = progress and ctx.accelerator.is_main_process
     for task in tqdm(tasks, desc=f"eval {label}", leave=False, disable=not show):
-        res = ctx.score(task, "test")
+        res = score_task(ctx, task)
         scores[task.name] = round(res.score, 4)
         if ctx.accelerator.is_main_process:
             with (out_dir / f"{task.name}.jsonl").open("w") as f:
                 for p in res.predictions:
                     f.write(json.dumps(p, ensure_ascii=False) + "\n")
     return scores
+
+
+def score_task(ctx: Context, task: Task, split: str = "test") -> TaskResult:
+    """One task's score on a split: generated answers and the task's scorer, or, for language tasks, the
+    log-likelihood of options or text (`mmcl.eval.language`), or lm-evaluation-harness (`lm_eval:` entries). Every
+    process computes the log-likelihood scores in full, so all processes agree without a gather."""
+    from mmcl.eval.language import evaluate_language_task, is_language_task
+
+    if task.lm_eval_task is not None:
+        from mmcl.eval.lm_eval_adapter import evaluate_lm_eval_task
+
+        return evaluate_lm_eval_task(ctx.model, ctx.processor, task, batch_size=ctx.config.eval.batch_size,
+                                     device=ctx.device, limit=ctx.config.data.test_limit)
+    if is_language_task(task):
+        return evaluate_language_task(ctx.model, ctx.processor, task, ctx.records[task.name][split],
+                                      batch_size=ctx.config.eval.batch_size, device=ctx.device)
+    return ctx.score(task, split)
 
 
 @dataclass
@@ -51,7 +69,7 @@ class EarlyStopping:
 
     def after_epoch(self, epoch: int) -> bool:
         t = time.perf_counter()
-        self.scores.append(self.ctx.score(self.task, "val").score)
+        self.scores.append(score_task(self.ctx, self.task, "val").score)
         if self.best_epoch < 0 or self.scores[-1] > self.scores[self.best_epoch]:
             self.best_epoch = len(self.scores) - 1
             self.best = {n: p.detach().clone() for n, p in self.ctx.trainable_parameters()}

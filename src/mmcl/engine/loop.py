@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from mmcl.config import RunConfig
 from mmcl.engine import checkpoint as ck
 from mmcl.engine.context import Context
-from mmcl.engine.cost import Cost, peak_memory_bytes
+from mmcl.engine.cost import Cost, describe_state, peak_memory_bytes
 from mmcl.engine.environment import environment
 from mmcl.engine.evaluation import EarlyStopping, evaluate_row
 from mmcl.engine.resume import check_resume_config, optimizer_state, restore, resume_point
-from mmcl.engine.setup import build_context, make_accelerator
+from mmcl.engine.setup import build_context, make_accelerator, restrict_trainable
 from mmcl.engine.signals import PREEMPTED_EXIT_CODE, StopRequest
+from mmcl.engine.tracking import Tracker
 from mmcl.engine.train import Preempted, fit
 from mmcl.eval.metrics import compute_metrics
 from mmcl.models.builder import count_parameters
@@ -43,6 +45,8 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     say = log if main else (lambda *_: None)
+    if main:
+        ck.check_writable(run_dir)  # an unwritable output dir fails now, not at the first checkpoint
     seed_everything(cfg.seed)
 
     ctx, strategies, problems = build_context(cfg, accelerator, progress=progress, log=say)
@@ -90,11 +94,13 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
 
     if main:
         ck.write_json_atomic(run_dir / "environment.json", environment(cfg, accelerator))
+    tracker = Tracker(accelerator, cfg, ctx.step)
     if not rows:
         t = time.perf_counter()
         rows.append({"after": None, "scores": evaluate_row(ctx, 0, progress)})
         cost.eval_time_s += time.perf_counter() - t
         _write_results(ctx, rows, cost, main)
+        tracker.row(ctx.step, rows[0]["scores"])
 
     def save(name: str, order: int, extra: dict, extra_tensors: dict | None = None) -> None:
         if main:
@@ -114,8 +120,13 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
         if mid is None:
             seed_everything(task_seed(cfg.seed, index))
             strategies.use_task(task.name)
-            strategies.on_task_start(ctx)
-        examples = strategies.train_examples(ctx, ctx.train_examples(task.name))
+            with cost.timed():  # teacher copies, fresh adapters: the method's seconds, counted in s/step
+                strategies.on_task_start(ctx)
+        # a stream entry `{task: DIR, train: [PARTS]}`: only those parts learn in this task (LLaVA stage 1)
+        restricted = restrict_trainable(model, task.train_parts) if task.train_parts else []
+        own = ctx.train_examples(task.name)
+        with cost.timed():  # pseudo targets generated before the task, replayed or rehearsed examples
+            examples = strategies.train_examples(ctx, own)
         trainable, total = count_parameters(model)
         cost.trainable_parameters = max(cost.trainable_parameters, trainable)
         cost.total_parameters = total
@@ -124,6 +135,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
         def on_step(step: int, loss: float) -> None:
             ctx.step += 1
             ctx.task_step = step + 1
+            tracker.loss(ctx.step, loss)
 
         def on_checkpoint(state, index=index, task=task) -> None:
             cost.losses[task.name] = state.losses
@@ -138,7 +150,8 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
         hooks = strategies.step_hooks(ctx)
         stopper = EarlyStopping.attach(ctx, task, hooks) if cfg.train.early_stopping_patience else None
         result = fit(
-            model, examples, ctx.collator(), cfg.train, accelerator,
+            model, examples, ctx.collator(), replace(cfg.train, lr=task.train_lr) if task.train_lr else cfg.train,
+            accelerator,
             seed=task_seed(cfg.seed, index, SEED_BATCH_ORDER), hooks=hooks,
             label=f"task {index + 1}/{len(stream.tasks)} {task.name}", progress=progress, on_step=on_step,
             resume=mid, checkpoint_every=cfg.checkpoint.every_steps,
@@ -149,7 +162,13 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
         accelerator.free_memory()
         if stopper is not None:
             stopper.finish(result, cost, say)
-        strategies.on_task_end(ctx)
+        state = cost.record_state(task.name, strategies)  # teachers, EMA copies and anchors all exist now
+        if state:
+            say(f"strategy state during {task.name}: {describe_state(state)}")
+        with cost.timed():  # importance passes, merges, EMA swaps
+            strategies.on_task_end(ctx)
+        for p in restricted:
+            p.requires_grad_(True)
         cost.train_time_s += result.train_time_s
         cost.steps += result.steps
         cost.samples += result.samples
@@ -163,6 +182,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
         t0 = time.perf_counter()
         cost.peak_memory_bytes = max(cost.peak_memory_bytes, peak_memory_bytes())
         _write_results(ctx, rows, cost, main)
+        tracker.row(ctx.step, rows[-1]["scores"])
         save(f"task-{index + 1:02d}-{task.name}", index * 1_000_000 + 999_999, {"task_index": index, "task": task.name})
         if main:
             ck.remove_mid_task(ckpt_root, keep=protect)
@@ -173,6 +193,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
 
     cost.wall_time_s += time.perf_counter() - t0
     _write_results(ctx, rows, cost, main)
+    tracker.finish(run_dir, ctx.step)
     if main:
         from mmcl.report import write_report
 

@@ -15,7 +15,8 @@ class ResumeError(ValueError):
 
 
 # Config fields that may differ on resume without changing what the run computes.
-HARMLESS_ON_RESUME = {"name", "output_dir", "checkpoint.keep_last", "checkpoint.every_steps", "eval.batch_size"}
+HARMLESS_ON_RESUME = {"name", "output_dir", "checkpoint.keep_last", "checkpoint.every_steps", "eval.batch_size",
+                      "train.log_with", "train.log_every", "model.feature_cache"}
 
 
 def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:

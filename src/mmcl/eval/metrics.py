@@ -26,6 +26,8 @@ __all__ = [
     "final_average_accuracy",
     "forgetting",
     "forward_transfer",
+    "language_change",
+    "language_kind",
     "linguistic_forgetting",
     "load_matrix",
     "matrix_from_json",
@@ -246,12 +248,50 @@ def linguistic_forgetting(base_scores: Sequence[float], current_scores: Sequence
     return _harmonic_mean(base) - _harmonic_mean(cur)
 
 
+# P1's language benchmarks (lm-evaluation-harness names, as `lm_eval:` columns) and mmcl's probes, by kind.
+NLU_TASKS = ("wsc273", "winogrande", "arc_easy", "arc_challenge")
+NLG_TASKS = ("lambada_standard", "lambada_openai", "lambada", "triviaqa", "webqs")
+
+
+def language_kind(name: str) -> str | None:
+    """"nlu", "nlg" or None for a retention column: mmcl's probes (probe-nlu, probe-nlg), `lm_eval-` columns of
+    P1's benchmarks, and any column whose name starts with "nlu" or "nlg" (a user's own language tasks)."""
+    bare = name.removeprefix("probe-").removeprefix("lm_eval-")
+    for kind, known in (("nlu", NLU_TASKS), ("nlg", NLG_TASKS)):
+        if bare.startswith(kind) or bare in known:
+            return kind
+    return None
+
+
+def language_change(Rret: ArrayLike, names: Sequence[str], row: int = -1) -> dict[str, Any] | None:
+    """P1's change in language skill between row 0 (the base model) and ``row`` (default: the last), in points:
+
+    ``nlu`` = HM(base NLU scores) − HM(current NLU scores) over the NLU columns, ``nlg`` the same over the NLG
+    columns, and ``nl`` the same over all of them together (P1's "NL Δ": the harmonic mean of every language
+    benchmark). Positive means skill lost, negative gained (P1's sign; lower is better). Zeros and missing scores
+    count as 1e-3, as in ``linguistic_forgetting``. None when no column is a language task (``language_kind``);
+    a kind without columns is None.
+    """
+    arr = _to_array(Rret).reshape(len(Rret), len(names))
+    kinds = {k: language_kind(n) for k, n in enumerate(names)}
+    cols = {kind: [k for k, v in kinds.items() if v == kind] for kind in ("nlu", "nlg")}
+    cols["nl"] = cols["nlu"] + cols["nlg"]
+    if not cols["nl"]:
+        return None
+    current = arr[row]
+    out: dict[str, Any] = {kind: _harmonic_mean(arr[0, c]) - _harmonic_mean(current[c]) if c else None
+                           for kind, c in cols.items()}
+    out["tasks"] = {kind: [names[k] for k in cols[kind]] for kind in ("nlu", "nlg")}
+    return out
+
+
 def compute_metrics(matrix: dict, *, source: str = "matrix.json") -> dict[str, Any]:
     """All metrics of a parsed ``matrix.json`` as the ``metrics.json`` dict (validates it first)."""
     A, Rret, _, retention = matrix_from_json(matrix, source=source)
     T = A.shape[0] - 1
     drops = retention_drop(Rret, retention)
     mean_drop = drops.pop("mean")
+    language = _language_change_rows(Rret, retention)
     return {
         "final_average_accuracy": final_average_accuracy(A),
         "average_incremental_accuracy": average_incremental_accuracy(A),
@@ -261,5 +301,17 @@ def compute_metrics(matrix: dict, *, source: str = "matrix.json") -> dict[str, A
         "plasticity": plasticity(A),
         "retention_drop": {"per_task": drops, "mean": mean_drop},
         "linguistic_forgetting": linguistic_forgetting(Rret[0], Rret[T]) if retention else None,
+        **({"language_change": language} if language is not None else {}),  # only with language columns
         "num_tasks_trained": T,
     }
+
+
+def _language_change_rows(Rret: np.ndarray, retention: list[str]) -> dict[str, Any] | None:
+    """``language_change`` after the last row, plus its ``nlu``/``nlg``/``nl`` after every row (P1's continual
+    table reports NL Δ after each stage)."""
+    final = language_change(Rret, retention) if retention else None
+    if final is None:
+        return None
+    rows = [language_change(Rret, retention, j) for j in range(1, Rret.shape[0])]
+    final["per_row"] = [{k: r[k] for k in ("nlu", "nlg", "nl")} for r in rows if r is not None]
+    return final

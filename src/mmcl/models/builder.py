@@ -27,7 +27,7 @@ from transformers import (
 from mmcl.data.media import HOP_LENGTH
 from mmcl.models.base import ModelLoadError, refuse_pickles
 from mmcl.models.mllm import ModalitySpec, MultimodalLM
-from mmcl.models.tokenizer import PLACEHOLDERS, ensure_placeholders
+from mmcl.models.tokenizer import PLACEHOLDERS, ChatTurns, ensure_placeholders
 
 FORMAT = "mmcl-mllm"
 
@@ -53,6 +53,7 @@ def save_model(model: MultimodalLM, tokenizer: PreTrainedTokenizerFast, path: Pa
         "version": 1,
         "modalities": model.spec_dict(),
         "encoders": {name: type(enc).__name__ for name, enc in model.encoders.items()},
+        **({"chat_template": True} if model.chat_template else {}),
         **(extra or {}),
     }
     (path / "mmcl_model.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -98,6 +99,7 @@ def _load_mmcl(path: Path, opts: dict) -> tuple[MultimodalLM, PreTrainedTokenize
     encoders = {name: _load_encoder_dir(path / "encoders" / name, cls, opts) for name, cls in classes.items()}
     token_ids = ensure_placeholders(tokenizer)
     model = MultimodalLM(lm, encoders, modalities, {m: token_ids[m] for m in modalities})
+    model.chat_template = bool(index.get("chat_template", False))
     state = load_file(str(path / "projectors.safetensors"))
     for m, proj in model.projectors.items():
         proj.load_state_dict({k[len(m) + 1 :]: v for k, v in state.items() if k.startswith(m + ".")})
@@ -189,12 +191,14 @@ def assemble_model(
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    chat_template: bool = False,
 ) -> tuple[MultimodalLM, PreTrainedTokenizerFast]:
     """Compose an MLLM from separately saved Hugging Face parts: a causal LM, encoder towers by name (e.g.
     {"image": clip_dir, "audio": whisper_dir}) and the modality specs (video can read the image tower with
     `encoder="image"`). The projectors are new (seeded by `seed`); the placeholders are added to the tokenizer
     (from `tokenizer_dir`, default the LM's directory) and the LM's embeddings grow to fit. Each spec's
-    `num_tokens` is checked against its encoder. Save the result with `save_model` to get an mmcl model directory.
+    `num_tokens` is checked against its encoder. With `chat_template`, conversations are written in the
+    tokenizer's own chat template (an instruction-tuned LM keeps its format). Save the result with `save_model` to get an mmcl model directory.
     """
     unknown = sorted(set(modalities) - set(PLACEHOLDERS))
     if unknown:
@@ -219,6 +223,9 @@ def assemble_model(
     torch.manual_seed(seed)
     model = MultimodalLM(lm, towers, dict(modalities), {m: token_ids[m] for m in modalities})
     model.to(dtype)
+    if chat_template:
+        ChatTurns.from_template(tokenizer)  # refuse a template the format cannot follow now, not at the first batch
+        model.chat_template = True
     check_num_tokens(model)
     return model, tokenizer
 

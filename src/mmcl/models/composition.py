@@ -10,7 +10,7 @@ import torch
 from mmcl.data import media as io
 from mmcl.models.base import MediaItem, Processor
 from mmcl.models.mllm import ModalitySpec, MultimodalLM
-from mmcl.models.tokenizer import ConversationFormat
+from mmcl.models.tokenizer import ChatTurns, ConversationFormat
 
 
 def load_image(path: Path, spec: ModalitySpec) -> torch.Tensor:
@@ -45,13 +45,15 @@ class CompositionProcessor(Processor):
     """Records into the composition's inputs: `<s>USER: ...\\nASSISTANT: answer</s>\\n` turns, each media item one
     placeholder token in the text, expanded to the modality's cue and `num_tokens` placeholders at collation."""
 
-    def __init__(self, tokenizer, specs: dict[str, ModalitySpec], token_ids: dict[str, int] | None = None):
+    def __init__(self, tokenizer, specs: dict[str, ModalitySpec], token_ids: dict[str, int] | None = None,
+                 chat_template: bool = False):
         self.tokenizer = tokenizer
         self.specs = dict(specs)
         self.modalities = tuple(specs)
-        self.fmt = ConversationFormat(tokenizer, {m: 1 for m in specs}, {})
+        turns = ChatTurns.from_template(tokenizer) if chat_template else None
+        self.fmt = ConversationFormat(tokenizer, {m: 1 for m in specs}, {}, turns)
         self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = [self.fmt.eos]
+        self.eos_ids = list(dict.fromkeys([self.fmt.eos, self.fmt.end[0]]))
         cues = ConversationFormat(tokenizer, {m: 1 for m in specs}, {m: s.cue for m, s in specs.items()}).cue_ids
         # the expansion uses the ids the model scatters features into (a mapped LLaVA keeps its image_token_index)
         feature_ids = {**self.fmt.ids, **(token_ids or {})}
@@ -71,4 +73,4 @@ class CompositionProcessor(Processor):
 
 
 def composition_processor(model: MultimodalLM, tokenizer) -> CompositionProcessor:
-    return CompositionProcessor(tokenizer, model.modalities, model.token_ids)
+    return CompositionProcessor(tokenizer, model.modalities, model.token_ids, chat_template=model.chat_template)

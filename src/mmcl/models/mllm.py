@@ -170,6 +170,8 @@ class MultimodalLM(MLLM):
         self.encoders = nn.ModuleDict(encoders)
         self.modalities = modalities
         self.token_ids = dict(token_ids)  # modality -> placeholder token id
+        self.chat_template = False  # True: conversations use the tokenizer's own chat template (ChatTurns)
+        self.feature_cache = None  # a FeatureCache: frozen encoders' features computed once per media item
         missing = {m: self.encoder_name(m) for m in modalities if self.encoder_name(m) not in self.encoders}
         if missing:
             raise ValueError(
@@ -198,8 +200,17 @@ class MultimodalLM(MLLM):
 
         A video clip batch (N, T, 3, S, S) runs as N*T frames through the encoder; each frame's tokens are selected
         and pooled on their own, then the frames are concatenated in time order. A projector that pools itself
-        (`pools_tokens`, P4's adapter) gets them unpooled.
+        (`pools_tokens`, P4's adapter) gets them unpooled. With a `feature_cache` (models/feature_cache.py), a
+        frozen encoder's features of an item already seen are read back instead of computed.
         """
+        if self.feature_cache is None:
+            return self._encoder_features(modality, media)
+        pools = getattr(self.projectors[modality], "pools_tokens", False)
+        extra = f"{modality}|{self.modalities[modality]}|pools_tokens={pools}"
+        return self.feature_cache.features(self.encoder_for(modality), media,
+                                           lambda items: self._encoder_features(modality, items), extra)
+
+    def _encoder_features(self, modality: str, media: torch.Tensor) -> torch.Tensor:
         spec = self.modalities[modality]
         clips = None
         if spec.frames:

@@ -1,4 +1,4 @@
-"""The built-in tiny model: real Hugging Face classes at a size that trains at ~10 steps/s on 2 CPU cores; random
+"""The built-in tiny model: real Hugging Face classes at a size that trains at several steps/s on 2 CPU cores; random
 weights here, pre-trained on the built-in world by `mmcl pretrain`."""
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ from mmcl.models.tokenizer import ensure_placeholders
 
 @dataclass
 class TinySizes:
-    """Sizes of the built-in tiny model; the defaults train at ~10 steps/s on 2 CPU cores (batch 16).
+    """Sizes of the built-in tiny model; the defaults train at several steps/s on 2 CPU cores (batch 16).
 
-    Images: a CLIP-style tower, (image_size / patch_size)^2 patch tokens. Video: `video_frames` frames per clip
+    Images: a CLIP-style tower, (image_size / patch_size)^2 patch tokens (64 px, the world's own resolution: at 32 px
+    the written words and box edges blur; docs/world.md). Video: `video_frames` frames per clip
     through the same tower, each frame's patch grid average-pooled in `video_pool` x `video_pool` windows. Audio: a
     Whisper-style encoder on `audio_seconds` of 80-bin log-mels (100 frames per second, 50 positions per second),
     average-pooled over `audio_pool` consecutive positions.
     """
 
-    image_size: int = 32
+    image_size: int = 64
     patch_size: int = 8
     vision_hidden: int = 64
     vision_layers: int = 2
@@ -37,7 +38,7 @@ class TinySizes:
     audio_seconds: int = 1
     audio_pool: int = 5  # 50 positions per second -> 10 tokens per second
     video_frames: int = 4
-    video_pool: int = 2  # 4x4 patch grid -> 2x2 tokens per frame
+    video_pool: int = 4  # 8x8 patch grid -> 2x2 tokens per frame
     adapter: str = "llava"
     """How features reach the LM: "llava" (images: LLaVA's 2-layer MLP; audio/video: average pooling + linear) or
     "p4" (every modality: P4's LayerNorm + learned conv pooling + linear, and P4's cue text " image: " etc.)."""

@@ -154,3 +154,28 @@ def plot_curves(matrix: dict, path: Path) -> None:
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="task")
         ax.set_title("Score per task over training — big dot = just trained; dashed = retention")
         _save(fig, path)
+
+
+def plot_weight_histograms(summary: dict[str, dict], base: float | None, path: Path) -> None:
+    """LLaCA's adaptive EMA weight: per task, the share of (step, tensor) updates in each half-decade bin, on a log
+    x axis, with the fallback value marked."""
+    tasks = list(summary)
+    colours = _colours(len(tasks))
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+        ax = fig.subplots()
+        for colour, task in zip(colours, tasks):
+            h = summary[task]["histogram"]
+            edges, counts = np.asarray(h["edges"], dtype=float), np.asarray(h["counts"], dtype=float)
+            share = 100 * counts / max(counts.sum(), 1.0)
+            ax.stairs(share, edges, color=colour, lw=1.8, label=task)
+        if base is not None:
+            ax.axvline(base, color="#555555", ls="--", lw=1.0, label=f"fallback {base:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("weight α of the new weights (per tensor and step)")
+        ax.set_ylabel("share of updates (%)")
+        ax.grid(True, axis="y", color="#dddddd", lw=0.8)
+        ax.set_axisbelow(True)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="task")
+        ax.set_title("LLaCA's adaptive EMA weight, per task")
+        _save(fig, path)

@@ -20,7 +20,7 @@ import yaml
 
 from mmcl.eval.metrics import compute_metrics, matrix_from_json
 from mmcl.report.plots import plot_curves, plot_matrix
-from mmcl.report.strategy_sections import eproj_section, similarity_section
+from mmcl.report.strategy_sections import eproj_section, llaca_section, similarity_section
 from mmcl.report.tables import Table, fmt, matrix_table, metric_value, row_labels, summary_rows
 
 __all__ = ["write_report"]
@@ -148,6 +148,26 @@ def _retention_table(R: np.ndarray, retention: list[str]) -> Table:
     return Table(["retention task", "initial", "final", "change"], rows)
 
 
+def _language_section(change: Any, labels: list[str]) -> list[Block]:
+    """P1's language change (``metrics.json`` ``language_change``) after every row, when the stream has language
+    probes or benchmarks."""
+    if not isinstance(change, dict) or not isinstance(change.get("per_row"), list):
+        return []
+    rows = change["per_row"]
+    tasks = change.get("tasks") or {}
+    table = Table(["change (base − now)", "columns", *labels[1:len(rows) + 1]], [
+        [name, ", ".join(tasks.get(kind, [])) if kind != "nl" else "all of them",
+         *(fmt(r.get(kind), 2) for r in rows)]
+        for kind, name in (("nlu", "NLU Δ"), ("nlg", "NLG Δ"), ("nl", "NL Δ (all language tasks)"))
+        if change.get(kind) is not None])  # fmt: skip
+    why = ("P1's language change: the harmonic mean of the base model's scores (row 0) minus that of the model "
+           "after each task, in points over the NLU and the NLG columns and over all of them (zeros count as "
+           "0.001). Positive means language skill lost, negative gained; lower is better. The NLU probe scores % "
+           "correct on cloze multiple choice by log-likelihood (chance 25); the NLG probe scores 100 / per-byte "
+           "perplexity of held-out prose (higher is better).")
+    return [Block("h2", "Language change (P1)"), Block("p", why), Block("table", table)]
+
+
 def _duration(seconds: float) -> str:
     s = int(round(seconds))
     h, m, sec = s // 3600, s % 3600 // 60, s % 60
@@ -172,6 +192,7 @@ def _cost_table(cost: dict) -> Table:
         ("wall_time_s", "wall time", _duration),
         ("train_time_s", "training time", _duration),
         ("eval_time_s", "evaluation time", _duration),
+        ("strategy_time_s", "strategy time outside the steps (teachers, pseudo targets, importance)", _duration),
         ("steps", "optimizer steps", lambda v: f"{int(v):,}"),
         ("time_per_step_s", "time per step", lambda v: f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"),
         ("samples_per_s", "samples per second", lambda v: f"{v:.1f}"),
@@ -239,6 +260,7 @@ def _blocks(run_dir: Path, matrix: dict, metrics: dict, cost: dict | None) -> li
     ]
     if retention:
         out += [Block("h2", "Retention (evaluated, never trained)"), Block("table", _retention_table(R, retention))]
+        out += _language_section(metrics.get("language_change"), row_labels(tasks, A.shape[0]))
     out.append(Block("h2", "Cost"))
     cost_table = _cost_table(cost or {})
     if cost is None:
@@ -249,8 +271,9 @@ def _blocks(run_dir: Path, matrix: dict, metrics: dict, cost: dict | None) -> li
         out.append(Block("table", cost_table))
     if isinstance((cost or {}).get("early_stopping"), dict) and cost["early_stopping"]:
         out += [Block("h2", "Early stopping"), Block("table", _early_stopping_table(cost["early_stopping"]))]
-    for kind, content in similarity_section(run_dir) + eproj_section(run_dir):
-        out.append(Block(kind, content, "task similarity heatmap" if kind == "img" else ""))
+    alt = {"plots/similarity.png": "task similarity heatmap", "plots/llaca_weights.png": "LLaCA weight histogram"}
+    for kind, content in similarity_section(run_dir) + eproj_section(run_dir) + llaca_section(run_dir):
+        out.append(Block(kind, content, alt.get(content, "") if kind == "img" else ""))
     row_name, predictions = _final_predictions(run_dir)
     if predictions:
         out.append(Block("h2", f"Example predictions ({row_name})"))

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Table", "comparison_table", "comparison_text", "fmt", "matrix_table", "row_labels", "summary_table"]
+__all__ = ["COMPARE_METRICS", "ComparisonReport", "Table", "comparison_report", "comparison_table", "comparison_text",
+           "fmt", "matrix_table", "row_labels", "summary_table"]
 
 MISSING = "n/a"
 
@@ -141,7 +142,7 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------- comparison table
 
 # (key, short header, higher is better)
-_COMPARE: list[tuple[str, str, bool]] = [
+COMPARE_METRICS: list[tuple[str, str, bool]] = [
     ("final_average_accuracy", "final acc ↑", True),
     ("average_incremental_accuracy", "avg incr acc ↑", True),
     ("forgetting", "forgetting ↓", False),
@@ -157,13 +158,13 @@ def _comparison(runs: Mapping[str, Mapping[str, Any]], mark: Callable[[str], str
     """One row per run label; ``mark`` decorates the best value of each column (only with 2+ runs)."""
     labels = list(runs)
     columns = []
-    for key, _, higher in _COMPARE:
+    for key, _, higher in COMPARE_METRICS:
         values = [metric_value(runs[label], key) for label in labels]
         present = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
         best = (max(present) if higher else min(present)) if len(present) >= 2 else None
         columns.append([mark(fmt(v)) if best is not None and v == best else fmt(v) for v in values])
     rows = [[label, *(col[r] for col in columns)] for r, label in enumerate(labels)]
-    return Table(["run", *(header for _, header, _ in _COMPARE)], rows)
+    return Table(["run", *(header for _, header, _ in COMPARE_METRICS)], rows)
 
 
 def comparison_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
@@ -174,3 +175,104 @@ def comparison_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
 def comparison_text(runs: Mapping[str, Mapping[str, Any]]) -> str:
     """The comparison as aligned plain text for a terminal; ``*`` marks the best value of each column."""
     return _comparison(runs, lambda s: f"{s}*").text()
+
+
+# ----------------------------------------------------------------------- `mmcl compare` (with intervals)
+
+_COSTS = [("time_per_step_s", "s/step", 1.0, 3), ("peak_memory_bytes", "peak MiB", 2**20, 0),
+          ("trainable_parameters", "trainable", 1.0, 0), ("extra_state_bytes", "extra state MiB", 2**20, 2)]
+SIGNIFICANT = "*"
+
+
+@dataclass(frozen=True)
+class ComparisonReport:
+    """The tables of `mmcl compare`: all of them as Markdown (comparison.md), the main ones as terminal text."""
+
+    markdown: str
+    text: str
+
+
+def _ci_cell(stat: Mapping[str, Any] | None, digits: int = 2, *, key: str = "mean", sign: bool = False,
+             unit: str = "", mark: bool = False) -> str:
+    """`mean [lo, hi]` (or `+diff [lo, hi]`), `*` appended when `mark`; n/a when there is no value."""
+    value = None if stat is None else stat.get(key)
+    if value is None:
+        return MISSING
+    spec = f"{'+' if sign else ''}.{digits}f"
+    cell = f"{value:{spec}}{unit}"
+    if stat.get("ci"):
+        lo, hi = stat["ci"]
+        cell += f" [{lo:{spec}}, {hi:{spec}}]"
+    return cell + (f" {SIGNIFICANT}" if mark else "")
+
+
+def _std_cell(stat: Mapping[str, Any], scale: float, digits: int) -> str:
+    if stat["mean"] is None:
+        return MISSING
+    mean, std = stat["mean"] / scale, stat["std"] / scale
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if stat["n"] > 1 else f"{mean:.{digits}f}"
+
+
+def _present(methods: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, bool]]:
+    """The metrics with a value for at least one method (e.g. no retention columns without retention tasks)."""
+    return [m for m in COMPARE_METRICS if any(s[m[0]]["mean"] is not None for s in methods.values())]
+
+
+def comparison_report(summary: Mapping[str, Any]) -> ComparisonReport:
+    """Render a `comparison.json` dict: metrics with intervals and significance marks, the paired differences from
+    the baseline, cost, final score per task (with single-task ceilings) and the share of each ceiling."""
+    methods, baseline, boot = summary["methods"], summary["baseline"], summary["bootstrap"]
+    metrics = _present(methods)
+    level = f"{100 * boot['level']:.0f} %"
+
+    def significant(s: Mapping[str, Any], key: str) -> bool:
+        return bool(s.get("vs_baseline", {}).get(key, {}).get("significant"))
+
+    main = Table(["method", *(h for _, h, _ in metrics)],
+                 [[label, *(_ci_cell(s[k], mark=significant(s, k)) for k, _, _ in metrics)]
+                  for label, s in methods.items()])
+    diff = Table(["method", *(f"Δ {h}" for _, h, _ in metrics)],
+                 [[label, *(_ci_cell(s["vs_baseline"][k], key="diff", sign=True, mark=significant(s, k))
+                            for k, _, _ in metrics)] for label, s in methods.items() if "vs_baseline" in s])
+    cost = Table(["method", *(h for _, h, _, _ in _COSTS)],
+                 [[label, *(_std_cell(s[k], scale, d) for k, _, scale, d in _COSTS)] for label, s in methods.items()])
+    single = summary.get("single_task")
+    tasks: list[str] = []
+    for s in methods.values():
+        tasks += [t for t in s["final_per_task"] if t not in tasks]
+    final_rows = [[label, *(_ci_cell(s["final_per_task"].get(t), 1) for t in tasks)] for label, s in methods.items()]
+    if single:
+        final_rows.append(["single-task ceiling", *(_ci_cell(single["ceiling"].get(t), 1) for t in tasks)])
+    final = Table(["method", *tasks], final_rows)
+    intro = (f"Each metric: mean over seeds (and task orders) with its {level} bootstrap interval [low, high] over "
+             f"seeds and test records ({boot['resamples']} resamples, bootstrap seed {boot['seed']}: each resample "
+             f"draws the seeds with replacement and, within each drawn seed, every task's test records with "
+             f"replacement, and recomputes the metric from the per-record scores). `{SIGNIFICANT}`: the paired "
+             f"difference from `{baseline}` is significant (its {level} interval excludes 0).")
+    parts = [intro, main.markdown(),
+             f"## Difference from {baseline}\n\nMethod minus `{baseline}`, paired: both use the same resampled seeds "
+             f"and test records (matched by id). `{SIGNIFICANT}`: the {level} interval excludes 0; ↑/↓ in the "
+             f"header say which sign is better.\n\n" + (diff.markdown() if diff.rows else "(one method only)"),
+             "## Cost\n\nMean ± std over runs.\n\n" + cost.markdown(),
+             "## Final score per task\n\nAfter the last task (retention tasks: never trained), mean [interval]."
+             + (" The last row: each task fine-tuned alone from the base model (same steps), its ceiling."
+                if single else "") + "\n\n" + final.markdown()]
+    texts = [main.text()] + ([f"difference from {baseline} ({SIGNIFICANT}: significant)\n" + diff.text()]
+                             if diff.rows else [])
+    if single:
+        train = list(single["ceiling"])
+        share = Table(["method", *train, "mean"], [
+            [label, *(_ci_cell(s["share_of_ceiling"].get(t), 0, unit=" %") for t in train),
+             _mean_share(s["share_of_ceiling"], train)] for label, s in methods.items()])
+        parts.append("## Share of the single-task ceiling\n\nEach method's final score on a task as a percentage of "
+                     f"the task's single-task ceiling, with its {level} interval (ratio of the resampled means; n/a "
+                     "where the ceiling is 0); `mean`: the average share over the tasks.\n\n" + share.markdown())
+        texts.append("final score as a share of the single-task ceiling\n" + share.text())
+    return ComparisonReport("\n\n".join(parts), "\n\n".join(texts))
+
+
+def _mean_share(shares: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]) -> str:
+    values = [shares[t]["mean"] for t in tasks if t in shares]
+    if not values or any(v is None for v in values):
+        return MISSING
+    return f"{sum(values) / len(values):.0f} %"

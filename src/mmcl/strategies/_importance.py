@@ -214,10 +214,15 @@ class ImportanceOptions:
 class ImportanceRegularizer(Strategy):
     """Base of EWC and MAS (not registered): importance after each task, max-merged, quadratic anchor penalty."""
 
+    reads_parameters = True  # anchors θ* of every trainable parameter
+
     kind: ClassVar[Kind]
 
     def __init__(self, config: ImportanceOptions | None = None):
         super().__init__(config)
+        # dtypes: Ω in float32 whatever the weights' dtype (normalised, each element is ~1/N: bf16 would keep 2-3
+        # significant digits); the Id map int16; θ* in the weights' own dtype (it is an exact copy of them, so fp32
+        # would double its bytes for nothing)
         self.omega: dict[str, torch.Tensor] | None = None  # merged normalised importance, float32
         self.ids: dict[str, torch.Tensor] | None = None  # P3's Id map: task index that supplied each max
         self.star: dict[str, torch.Tensor] | None = None  # θ*: the trainable weights at the last task boundary
@@ -229,6 +234,8 @@ class ImportanceRegularizer(Strategy):
         self._anchor = self._build_anchor(ctx) if self.omega is not None else None
 
     def extra_loss(self, ctx: Context, batch: Batch, outputs: Any) -> torch.Tensor | None:
+        if self._anchor is None and self.omega is not None:  # a resume inside a task restored Ω after on_task_start
+            self._anchor = self._build_anchor(ctx)
         return self._anchor() if self._anchor is not None else None
 
     def on_task_end(self, ctx: Context) -> None:
@@ -271,6 +278,11 @@ class ImportanceRegularizer(Strategy):
         return self._anchor() if self._anchor is not None else None
 
     # -- state -----------------------------------------------------------------------------------------------------
+    def state_bytes(self) -> dict[str, int]:
+        """Memory held now: Ω (float32), the Id map (int16) and θ* (the weights' dtype)."""
+        return {k: sum(t.numel() * t.element_size() for t in (v or {}).values())
+                for k, v in (("omega", self.omega), ("id", self.ids), ("star", self.star))}
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         if self.omega is None:
             return {}, {"tasks": []}

@@ -22,6 +22,7 @@ import torch
 
 if TYPE_CHECKING:
     from mmcl.data.batching import Batch, Example
+    from mmcl.data.overlap import ExtraData
     from mmcl.engine.context import Context
 
 
@@ -55,6 +56,16 @@ class Strategy:
     requires_model: ClassVar[frozenset[str]] = frozenset()
     """Model capabilities it needs (`MLLM.capabilities`, e.g. "separable_projector"); a backend without them is
     refused before training."""
+
+    sharded_engines: ClassVar[frozenset[str]] = frozenset()
+    """Sharded engines ("fsdp", "deepspeed-zero1/2/3") it has been run under and works with, its state sharded or
+    gathered correctly; under any other sharded engine it is refused before training (`check_composition`)."""
+    reads_parameters: ClassVar[bool] = False
+    """Reads or copies whole parameter tensors outside the forward pass (anchors, EMA or teacher copies, merges):
+    structurally impossible under DeepSpeed ZeRO-3, where a process holds an empty placeholder between forwards."""
+    reads_gradients: ClassVar[bool] = False
+    """Reads `param.grad` after backward (gradient-driven updates): structurally impossible under DeepSpeed, which
+    keeps gradients in its own buffers (measured: `param.grad` is None after backward at ZeRO-1, 2 and 3)."""
 
     task_options: ClassVar[frozenset[str]] = frozenset()
     """Options that may take another value for a given task (`per_task`); the others are read once."""
@@ -101,7 +112,19 @@ class Strategy:
     def on_task_end(self, ctx: Context) -> None:
         """The task's training is done; evaluation of the row follows."""
 
+    def extra_training_data(self, ctx: Context) -> list[ExtraData]:
+        """What the strategy trains on besides the current task's train split (instruction pools, replayed or
+        rehearsed records, the prompts and inputs of pseudo examples), declared for the pre-flight leak check
+        (`mmcl.data.overlap.check_run`), which refuses a run whose training data holds an evaluated record.
+        Default: nothing."""
+        return []
+
     # -- state ------------------------------------------------------------------------------------------------------
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of each part of the state held now (teacher copy, EMA, importance, ...), checkpointed or not, for
+        cost.json (`Cost.record_state`) and the log. Default: nothing."""
+        return {}
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON-able metadata) to checkpoint. Default: stateless."""
         return {}, {}

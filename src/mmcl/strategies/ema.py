@@ -24,6 +24,8 @@ class EMATracker(Strategy):
     a separate process.
     """
 
+    reads_parameters = True  # an fp32 copy of the weights, swapped in at task end
+
     def __init__(self, config=None):
         super().__init__(config)
         self._ema: dict[str, torch.Tensor] = {}
@@ -70,6 +72,11 @@ class EMATracker(Strategy):
                 p.copy_(self._ema[n])
 
     # -- state ------------------------------------------------------------------------------------------------------
+    def state_bytes(self) -> dict[str, int]:
+        """Memory held now: the fp32 EMA copy (fp32 even for bf16 weights: an EMA step of weight 0.01 would mostly
+        round away in bf16's 8 mantissa bits)."""
+        return {"ema": sum(t.numel() * t.element_size() for t in self._ema.values())}
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         return {f"ema/{n}": t for n, t in self._ema.items()}, {}
 

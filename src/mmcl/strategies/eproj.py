@@ -78,6 +78,8 @@ class EProj(Strategy):
     projectors mmcl calls itself (the composition).
     """
 
+    reads_parameters = True  # expert copies of the projector
+
     Config = EProjOptions
     requires_model = frozenset({"routable_projectors"})
     supports_peft = False  # it freezes everything but the current expert, an adapter included

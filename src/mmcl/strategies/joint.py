@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mmcl.data.overlap import ExtraData, earlier_train_splits
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.registry import register_strategy
 
@@ -21,6 +22,10 @@ class Joint(Strategy):
     all past data — but it shows how much of the forgetting a method could still recover. State: none (the data
     is re-read from the stream).
     """
+
+    def extra_training_data(self, ctx: Context) -> list[ExtraData]:
+        """For the pre-flight leak check: every earlier task's train records may be mixed into a later task."""
+        return earlier_train_splits(ctx.stream, ctx.records, "joint training")
 
     def train_examples(self, ctx: Context, examples: list[Example]) -> list[Example]:
         earlier = [e for t in ctx.seen_tasks for e in ctx.train_examples(t.name)]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,6 +51,45 @@ def ema_weight(
     return alpha_from_norms(a, b, c, k, base)
 
 
+WEIGHTS_LOG = "llaca_weights.jsonl"
+"""Run-directory file with one line per optimizer step: the distribution of that step's per-tensor weights."""
+WEIGHTS_SUMMARY = "llaca_weights.json"
+"""Run-directory file with the distribution of the weights over each finished task (what the report shows)."""
+EDGES: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-12, 1))
+"""Histogram bin edges of the weight alpha: half-decades from 1e-6 to 1 (alpha < 1e-6 goes to the first bin)."""
+
+
+def histogram(values: list[float]) -> list[int]:
+    """Counts of `values` in the bins [EDGES[i], EDGES[i+1]) (the first bin also takes everything below)."""
+    counts = [0] * (len(EDGES) - 1)
+    for v in values:
+        i = next((j for j in range(len(EDGES) - 2, -1, -1) if v >= EDGES[j]), 0)
+        counts[i] += 1
+    return counts
+
+
+def summarise(lines: list[dict]) -> dict[str, dict]:
+    """Per task, the distribution of the weights over all its (step, tensor) pairs, from the per-step log lines;
+    a step logged twice (a run resumed inside the task re-does steps) counts once, with its last line."""
+    by_task: dict[str, dict[int, dict]] = {}
+    for line in lines:
+        by_task.setdefault(line["task"], {})[line["step"]] = line
+    out = {}
+    for task, steps in by_task.items():
+        rows = list(steps.values())
+        n = sum(r["tensors"] for r in rows)
+        out[task] = {
+            "steps": len(rows),
+            "weights": n,
+            "fallback_share": sum(r["fallback"] for r in rows) / n if n else None,
+            "mean": sum(r["sum"] for r in rows) / n if n else None,
+            "min": min(r["min"] for r in rows),
+            "max": max(r["max"] for r in rows),
+            "histogram": {"edges": list(EDGES), "counts": [sum(c) for c in zip(*(r["counts"] for r in rows))]},
+        }
+    return out
+
+
 @dataclass
 class LLaCAOptions:
     k: float = 2.0
@@ -72,17 +113,46 @@ class LLaCA(EMATracker):
     alpha = ema_weight(theta, ema, g, g_prev, K, base) (see that function); ema <- (1 - alpha)·ema + alpha·theta;
     g_prev <- g. The EMA starts from the weights after the task's first step; at the end of the task
     theta <- ema. P2 runs it with `lora` in carry mode. Per step: the three L1 norms of all tensors are computed
-    with foreach kernels and read back in one host sync.
+    with foreach kernels and read back in one host sync. Measured, not assumed: every step's weights are logged
+    to the run directory (`llaca_weights.jsonl`: per-step count, fallback count, sum, min, max and a histogram
+    over half-decades), and each finished task's distribution to `llaca_weights.json` (shown in the report).
     State: fp32 EMA weights + previous gradients in the gradients' dtype (2x trainable bytes for fp32 weights,
     3x for bf16), kept from the task's first
     step until the next task starts; the next task re-initialises both, as P2's one-process-per-task runs do.
     """
+
+    reads_gradients = True  # reads param.grad every step
 
     Config = LLaCAOptions
 
     def __init__(self, config=None):
         super().__init__(config)
         self._prev: dict[str, torch.Tensor] = {}
+        self.last_weights: list[float] = []  # the per-tensor weights of the latest step
+
+    def _log(self, ctx: Context, alphas: list[float]) -> None:
+        """Append this step's weight distribution to the run directory's log (main process only)."""
+        self.last_weights = alphas
+        if ctx.run_dir is None or not ctx.accelerator.is_main_process:
+            return
+        base = self.config.base
+        line = {"task": ctx.task.name, "step": ctx.task_step + 1, "tensors": len(alphas),
+                "fallback": sum(1 for a in alphas if a == base), "sum": math.fsum(alphas),
+                "min": min(alphas), "max": max(alphas), "counts": histogram(alphas)}
+        Path(ctx.run_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(ctx.run_dir) / WEIGHTS_LOG, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def on_task_end(self, ctx: Context) -> None:
+        super().on_task_end(ctx)
+        if ctx.run_dir is None or not ctx.accelerator.is_main_process:
+            return
+        log = Path(ctx.run_dir) / WEIGHTS_LOG
+        if log.is_file():
+            lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+            tmp = Path(ctx.run_dir) / f".{WEIGHTS_SUMMARY}.tmp"
+            tmp.write_text(json.dumps(summarise(lines), indent=1))
+            tmp.replace(Path(ctx.run_dir) / WEIGHTS_SUMMARY)
 
     def on_task_start(self, ctx: Context) -> None:
         super().on_task_start(ctx)
@@ -118,12 +188,17 @@ class LLaCA(EMATracker):
                 groups.setdefault(a, []).append(i)
             for a, idx in groups.items():
                 torch._foreach_lerp_([emas[i] for i in idx], [thetas[i] for i in idx], a)
+            self._log(ctx, alphas)
             for i, g in zip(with_g, grads):
                 prev = self._prev.get(names[i])
                 if prev is None:
                     self._prev[names[i]] = g.detach().clone()
                 else:
                     prev.copy_(g)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Memory held now: the fp32 EMA and the previous gradients (in the gradients' dtype)."""
+        return super().state_bytes() | {"prev_grad": sum(t.numel() * t.element_size() for t in self._prev.values())}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, meta = super().state_dict()

@@ -41,6 +41,8 @@ class LoRA(Strategy):
     checkpoint; nothing else.
     """
 
+    reads_parameters = True  # merge mode merges the adapter into the full weights
+
     Config = LoRAOptions
     provides_peft = True
 

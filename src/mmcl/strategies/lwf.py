@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from mmcl.strategies._teacher import TeacherOptions, make_teacher, module_bytes, teacher_logits
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.registry import register_strategy
 
@@ -24,6 +24,8 @@ class LwFOptions:
     """Weight of the distillation term (P3's `lwf_lbd`, 1.0 in its InstructBLIP code; a LLaVA fork uses 0.2)."""
     temperature: float = 2.0
     """Softmax temperature T of both teacher and student; the KL is multiplied by T² (Hinton et al.)."""
+    teacher: TeacherOptions = field(default_factory=TeacherOptions)
+    """Dtype and device of the teacher copy (`{dtype: bfloat16}`, `{device: cpu}`; see `strategies/_teacher.py`)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lambda_) and self.lambda_ >= 0):
@@ -55,8 +57,11 @@ class LwF(Strategy):
     (micro-)batch, teacher logits under no_grad; task 1 trains with the task loss alone. State across tasks: none
     in the checkpoint — the teacher of task t is the model at the t−1/t boundary, which is exactly what a resumed
     run restores, so `on_task_start` rebuilds it. Memory: one extra full copy of the model while a task trains
-    (freed at task end); compute: one extra forward pass per micro-batch.
+    (freed at task end; `teacher: {dtype: bfloat16}` halves it, `{device: cpu}` keeps it off the accelerator);
+    compute: one extra forward pass per micro-batch.
     """
+
+    reads_parameters = True  # a teacher copy of the model
 
     Config = LwFOptions
     task_options = frozenset({"lambda_", "temperature"})
@@ -70,18 +75,18 @@ class LwF(Strategy):
     def on_task_start(self, ctx: Context) -> None:
         self.teacher = None
         if ctx.task_index >= 1:
-            teacher = copy.deepcopy(ctx.model)
-            teacher.eval()
-            teacher.requires_grad_(False)
-            self.teacher = teacher
+            self.teacher = make_teacher(ctx, self.config.teacher)
 
     def extra_loss(self, ctx: Context, batch: Batch, outputs: Any) -> torch.Tensor | None:
         if self.teacher is None or self.config.lambda_ == 0:
             return None
-        with torch.no_grad():
-            teacher_logits = ctx.forward(batch, model=self.teacher).logits
-        kd = distillation_loss(outputs.logits, teacher_logits, batch.labels, self.config.temperature)
+        old = teacher_logits(ctx, self.teacher, batch)
+        kd = distillation_loss(outputs.logits, old, batch.labels, self.config.temperature)
         return self.config.lambda_ * kd
 
     def on_task_end(self, ctx: Context) -> None:
         self.teacher = None  # free the copy before evaluation
+
+    def state_bytes(self) -> dict[str, int]:
+        """Memory held now: the teacher copy while a task ≥ 2 trains."""
+        return {"teacher": module_bytes(self.teacher)}

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mmcl.data.batching import Batch, Example
-from mmcl.data.records import MODALITIES, PLACEHOLDER, Record, Task, read_records
+from mmcl.data.overlap import ExtraData
+from mmcl.data.records import Record, Task
 from mmcl.models.losses import token_cross_entropy_sum
 from mmcl.seeding import task_seed
+from mmcl.strategies._instructions import BUILTIN, builtin_instructions, load_instructions
+from mmcl.strategies._teacher import (
+    TeacherOptions,
+    make_teacher,
+    module_bytes,
+    teacher_generate,
+    teacher_logits,
+)
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.lwf import distillation_loss
 from mmcl.strategies.registry import register_strategy
@@ -56,8 +63,13 @@ class MoInCLOptions:
     """Longest previous-model answer to an instruction with `ikd_mode: pseudo`."""
     instructions: str | None = None
     """A JSONL or JSON-list file of text-only instructions for IKD: strings, objects with `conversations`, or
-    objects with `prompt`/`instruction`/`definition`/`text` (+ optional `input`). Default: the training records of
-    the stream's text-only retention tasks (P4 uses Natural Instructions, which is not available offline)."""
+    objects with `prompt`/`instruction`/`definition`/`text` (+ optional `input`). Default (null): the built-in
+    instruction set (`mmcl.data.synth.instructions`, 512 instructions of other skills than the retention tasks',
+    disjoint from every evaluated record; P4 uses Natural Instructions, not available offline). Every run checks
+    the pool against the evaluated records first (`mmcl.data.overlap`)."""
+    teacher: TeacherOptions = field(default_factory=TeacherOptions)
+    """Dtype and device of the previous-task model: `{dtype: bfloat16}` halves an fp32 copy, `{device: cpu}` keeps
+    it off the accelerator (see `strategies/_teacher.py`)."""
     fusion_alpha: float | None = None
     """Weight fusion on tasks t ≥ 1: θ ← (1−α)·θ_old + α·θ for the trainable language-model parameters, θ_old the
     previous-task model (P4's TMLR code; 0.1 / 0.5 in order 1); None: off."""
@@ -93,51 +105,6 @@ class MoInCLOptions:
                 raise ValueError(f"instructions: file not found: {self.instructions}")
 
 
-def load_instructions(path: str | Path) -> list[list[dict]]:
-    """Text-only instructions from a JSONL file or a JSON list, as conversations (human turn + empty answer)."""
-    path = Path(path).expanduser()
-    text = path.read_text()
-    try:
-        if text.lstrip().startswith("["):
-            items = json.loads(text)
-        else:
-            items = [json.loads(x) for x in text.splitlines() if x.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSONL or a JSON list: {e}") from e
-    out = []
-    for i, item in enumerate(items):
-        where = f"{path}: item {i + 1}"
-        if isinstance(item, dict) and "conversations" in item:
-            conv = item["conversations"]
-            if not (isinstance(conv, list) and conv and all(isinstance(t, dict) and "value" in t for t in conv)):
-                raise ValueError(f"{where}: 'conversations' must be a list of turns with 'from' and 'value'")
-            if conv[-1].get("from") == "human":
-                conv = [*conv, {"from": "gpt", "value": ""}]
-        else:
-            if isinstance(item, str):
-                prompt = item
-            elif isinstance(item, dict):
-                head = next((item[k] for k in ("prompt", "instruction", "definition", "text") if k in item), None)
-                if not isinstance(head, str):
-                    raise ValueError(f"{where}: needs a string 'prompt', 'instruction', 'definition' or 'text' "
-                                     "(or 'conversations')")
-                extra = item.get("input")
-                prompt = head if not extra else f"{head}\n{extra}"
-            else:
-                raise ValueError(f"{where}: expected a string or an object, got {type(item).__name__}")
-            if not prompt.strip():
-                raise ValueError(f"{where}: empty instruction")
-            conv = [{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}]
-        human = "".join(str(t["value"]) for t in conv if t.get("from") == "human")
-        marks = [PLACEHOLDER[m] for m in MODALITIES if PLACEHOLDER[m] in human]
-        if marks:
-            raise ValueError(f"{where}: IKD instructions are text-only, but it contains {marks[0]}")
-        out.append(conv)
-    if not out:
-        raise ValueError(f"{path}: no instructions")
-    return out
-
-
 @register_strategy("moincl")
 class MoInCL(Strategy):
     """MoInCL, "Modality-Inconsistent Continual Learning of Multimodal Large Language Models" (P4, Pian et al.,
@@ -145,9 +112,10 @@ class MoInCL(Strategy):
     instruction-based KD (IKD) on text-only instructions, and optional weight fusion.
 
     Rules, each a switch for P4's ablations:
-    1. Teacher: at the start of task index ≥ 1 the model is deep-copied as a frozen teacher (eval, no grad).
+    1. Teacher: at the start of task index ≥ 1 the model is deep-copied as a frozen teacher (eval, no grad), in the
+       model's dtype and device or, with `teacher: {dtype: bfloat16, device: cpu}`, smaller or off the accelerator.
     2. PTGM (`pseudo`): on a QA task (type qa/mcq/classification) after a captioning task of the same modality, the
-       teacher generates (`ctx.generate`: the run's decoding settings, greedy unless `eval.num_beams` > 1; P4: beam 5,
+       teacher generates (as `ctx.generate`: the run's decoding, greedy unless `eval.num_beams` > 1; P4: beam 5,
        `eval.repetition_penalty` 1.15; `eval.max_new_tokens` or the caption task's max), a caption for chosen training
        inputs of the current task, prompted by the earlier caption task's own first human turn; on a captioning task
        after a QA task of the same modality, the teacher answers a question sampled (seeded) from that QA task's
@@ -166,8 +134,9 @@ class MoInCL(Strategy):
        only and appended to the micro-batch as rows with no supervised label (so the task loss is unchanged and
        the student runs them in its one forward pass, DDP-safe); T²·KL(teacher ‖ student) averaged over every
        non-pad position of those rows is added with weight 1 (P4: `batchmean` over all positions, padding too).
-       Instructions: `instructions` file, else the training records of the stream's text-only retention tasks
-       (P4 samples Natural Instructions, not available offline); no source is an error before training.
+       Instructions: the `instructions` file, else the built-in instruction set (P4 samples Natural Instructions,
+       not available offline); before training, `mmcl.data.overlap` refuses a pool (and pseudo inputs) holding
+       an evaluated record, since distilling on the retention tasks' own prompts would confound their scores.
        With `ikd_mode: pseudo` (P4's alternative), the teacher's answer to each sampled instruction
        (cached per instruction for the task: the teacher is fixed) is the target of a cross-entropy term, the mean
        over those answer tokens, weight 1; the rows stay out of the task loss.
@@ -179,8 +148,11 @@ class MoInCL(Strategy):
     Total: CE(task ∪ pseudo) + λ_KL·L_KD + L_IKD. State: none in the checkpoint — the teacher is the model at the
     task boundary (rebuilt by `on_task_start`) and pseudo examples are regenerated deterministically (greedy or beam
     decoding, seeded choices), so a boundary resume is exact; mid-task resume is not supported. Memory: one
-    extra model copy during tasks ≥ 2; compute: generation before the task, a teacher forward per micro-batch.
+    extra model copy during tasks ≥ 2 (`state_bytes`); compute: generation before the task (counted in cost.json's
+    strategy time), a teacher forward per micro-batch.
     """
+
+    reads_parameters = True  # a teacher copy of the model
 
     Config = MoInCLOptions
     # P4's run scripts set these per step (configs/micl/order1_moincl_p4.yaml); `instructions` is read once
@@ -201,19 +173,39 @@ class MoInCL(Strategy):
         self._micro = (-1, 0)  # (task_step, micro-batch counter) for IKD seeding
 
     # -- setup ------------------------------------------------------------------------------------------------------
-    def instruction_conversations(self, ctx: Context) -> list[list[dict]]:
+    def instruction_conversations(self, ctx: Context | None = None) -> list[list[dict]]:
+        """IKD's pool: the `instructions` file, else the built-in instruction set."""
         if self.config.instructions is not None:
             return load_instructions(self.config.instructions)
-        convs = []
-        for task in ctx.stream.retention:
-            if task.modality != "text" or "train" not in task.splits:
+        return builtin_instructions()
+
+    def extra_training_data(self, ctx: Context) -> list[ExtraData]:
+        """What MoInCL trains on besides each task's train split, for the pre-flight leak check: the IKD pool,
+        and for every task that gets pseudo examples the prompts they use paired with the task's inputs."""
+        out = []
+        configs = [self.task_configs.get(t.name, self.base_config) for t in ctx.stream.tasks]
+        if len(ctx.stream.tasks) > 1 and any(c.ikd for c in configs[1:]):
+            path = self.config.instructions
+            convs = self.instruction_conversations(ctx)
+            where = [f"{path}: item {i + 1}" for i in range(len(convs))] if path else []
+            out.append(ExtraData.pool(f"IKD instructions ({path or BUILTIN})",
+                                      [" ".join(t["value"] for t in c if t["from"] == "human") for c in convs], where))
+        for index, (task, cfg) in enumerate(zip(ctx.stream.tasks, configs)):
+            plan = self._plan(task, ctx.stream.tasks[:index]) if index and cfg.pseudo else None
+            if plan is None:
                 continue
-            good, _ = read_records(task, "train", allow_outside_root=ctx.allow_outside_root)
-            convs += [r.conversations for r in good]
-        if not convs:
-            raise ValueError("ikd needs text-only instructions: set strategies.moincl.instructions to a JSONL file, "
-                             "add a text retention task with a train split to the stream, or set ikd=false")
-        return convs
+            kind, source = plan
+            prompts = [r.conversations[0]["value"] for r in ctx.records[source.name]["train"]]
+            prompts = prompts[:1] if kind == "caption" else list(dict.fromkeys(prompts))
+            media = tuple(r.media for r in ctx.records[task.name]["train"])
+            out.append(ExtraData(f"pseudo {kind} inputs of {task.name} (prompts of {source.name})", tuple(prompts),
+                                 media))
+        return out
+
+    def state_bytes(self) -> dict[str, int]:
+        """Memory held now: the teacher copy (during tasks ≥ 2) and the encoded instruction pool."""
+        pool = sum(len(e.input_ids) * 8 for e in self._ikd_examples)  # token ids as Python ints, roughly
+        return {"teacher": module_bytes(self.teacher), "instructions": pool}
 
     def prepare_model(self, ctx: Context) -> None:
         if self.config.ikd and len(ctx.stream.tasks) > 1:
@@ -222,10 +214,7 @@ class MoInCL(Strategy):
     def on_task_start(self, ctx: Context) -> None:
         self.teacher, self.pseudo_ids, self.pseudo_source, self._micro = None, set(), None, (-1, 0)
         if ctx.task_index >= 1:
-            teacher = copy.deepcopy(ctx.model)
-            teacher.eval()
-            teacher.requires_grad_(False)
-            self.teacher = teacher
+            self.teacher = make_teacher(ctx, self.config.teacher)
             if self.config.ikd:
                 if self._instructions is None:
                     self._instructions = self.instruction_conversations(ctx)
@@ -238,14 +227,17 @@ class MoInCL(Strategy):
     # -- PTGM -------------------------------------------------------------------------------------------------------
     def pseudo_plan(self, ctx: Context) -> tuple[str, Task] | None:
         """('caption' | 'qa', the earlier task whose prompts are used), or None when PTGM makes nothing."""
-        task = ctx.task
+        return self._plan(ctx.task, ctx.seen_tasks)
+
+    @staticmethod
+    def _plan(task: Task, seen: list[Task]) -> tuple[str, Task] | None:
         if task.type in QA_TYPES:
             want, kind = CAPTION_TYPES, "caption"
         elif task.type in CAPTION_TYPES:
             want, kind = QA_TYPES, "qa"
         else:
             return None
-        earlier = [t for t in ctx.seen_tasks if t.type in want and t.modality == task.modality]
+        earlier = [t for t in seen if t.type in want and t.modality == task.modality]
         return (kind, earlier[-1]) if earlier else None
 
     def train_examples(self, ctx: Context, examples: list[Example]) -> list[Example]:
@@ -272,12 +264,12 @@ class MoInCL(Strategy):
             prompts = [source_records[j].conversations[0]["value"] for j in picks]
         queries = [
             Record(f"{PSEUDO_PREFIX}-{k}:{inputs[i].id}",
-                   [{"from": "human", "value": p}, {"from": "gpt", "value": ""}], [], inputs[i].media,
+                   [{"from": "human", "value": p}], [], inputs[i].media,
                    f"pseudo from {source.name}")
             for k, (i, p) in enumerate(zip(chosen, prompts))
         ]
-        answers = ctx.generate(self.teacher, queries, ctx.task.name,
-                               ctx.max_new_tokens or source.max_new_tokens)
+        budget = ctx.max_new_tokens or source.max_new_tokens
+        answers = teacher_generate(ctx, self.teacher, queries, ctx.task.name, budget)
         pseudo = []
         for q, a in zip(queries, answers):
             conv = [q.conversations[0], {"from": "gpt", "value": a}]
@@ -307,9 +299,9 @@ class MoInCL(Strategy):
         todo = [i for i in dict.fromkeys(chosen) if i not in self._ikd_answered]
         if todo:
             queries = [Record(f"{IKD_PREFIX}-{i}", self._instructions[i], [], {}, IKD_PREFIX) for i in todo]
-            answers = ctx.generate(self.teacher, queries, IKD_PREFIX, self.config.ikd_max_new_tokens)
+            answers = teacher_generate(ctx, self.teacher, queries, IKD_PREFIX, self.config.ikd_max_new_tokens)
             for i, q, a in zip(todo, queries, answers):
-                conv = [*q.conversations[:-1], {"from": "gpt", "value": a}]
+                conv = [*q.conversations, {"from": "gpt", "value": a}]
                 self._ikd_answered[i] = Example(q.id, *ctx.processor.encode(conv), {}, IKD_PREFIX)
         return [self._ikd_answered[i] for i in chosen]
 
@@ -342,20 +334,19 @@ class MoInCL(Strategy):
         if not rows:
             return total
         sub = batch.select(rows)
-        with torch.no_grad():
-            teacher_logits = ctx.forward(sub, model=self.teacher).logits
+        old = teacher_logits(ctx, self.teacher, sub)
         index = torch.tensor(rows, device=outputs.logits.device, dtype=torch.long)
         student_logits = outputs.logits.index_select(0, index)
         temperature = self.config.temperature
         n_p = len(pseudo)
         if pseudo:
-            kd = distillation_loss(student_logits[:n_p], teacher_logits[:n_p], sub.labels[:n_p], temperature)
+            kd = distillation_loss(student_logits[:n_p], old[:n_p], sub.labels[:n_p], temperature)
             total = total + self.config.lambda_kl * kd
         if ikd:
             mask = sub.attention_mask[n_p:]
             labels = torch.full_like(mask, -100)  # position j counts iff it is a real token: labels[j + 1] != -100
             labels[:, 1:] = torch.where(mask[:, :-1] == 1, 0, -100)
-            total = total + distillation_loss(student_logits[n_p:], teacher_logits[n_p:], labels, temperature)
+            total = total + distillation_loss(student_logits[n_p:], old[n_p:], labels, temperature)
         return total
 
     def _ikd_cross_entropy(self, logits: torch.Tensor, ids: list[str], rows: list[int]) -> torch.Tensor:
@@ -378,7 +369,8 @@ class MoInCL(Strategy):
         with torch.no_grad():
             for name, p in ctx.trainable_parameters():
                 if name in language and name in old and old[name].shape == p.shape:
-                    p.lerp_(old[name].to(p.dtype), 1.0 - alpha)  # p + (1-α)(old - p) = (1-α)·old + α·p
+                    # p + (1-α)(old - p) = (1-α)·old + α·p
+                    p.lerp_(old[name].to(device=p.device, dtype=p.dtype), 1.0 - alpha)
 
     def on_epoch_end(self, ctx: Context) -> None:
         if self.config.fusion_every == "epoch":

@@ -84,9 +84,36 @@ CAPABILITIES = {
 """What each model capability a strategy may require (`Strategy.requires_model`) means, for refusal messages."""
 
 
+ENGINES = ("single", "ddp", "fsdp", "deepspeed-zero0", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3")
+"""How a run is spread over processes (`mmcl.engine.distributed.engine_name`): one process, DDP (every process holds
+the whole model), FSDP, or a DeepSpeed ZeRO stage. The last five are the sharded engines."""
+SHARDED_ENGINES = frozenset(ENGINES[2:])
+NOT_MEASURED = ("mmcl has not been run under it: Accelerate 1.15 enables FSDP and DeepSpeed only on GPUs (on a CPU it "
+                "falls back to DDP), and no GPU was available to measure it; see docs/distributed.md")
+"""Why a sharded engine a strategy does not list in `Strategy.sharded_engines` is refused."""
+
+
+def engine_refusal(strategy: Strategy, engine: str) -> str | None:
+    """Why `strategy` cannot run under `engine` (None: it can): a structural reason first, else that it was never
+    measured there."""
+    if engine not in SHARDED_ENGINES or engine in strategy.sharded_engines:
+        return None
+    if strategy.reads_gradients and engine.startswith("deepspeed"):
+        why = "it reads param.grad after backward, and DeepSpeed keeps gradients in its own buffers (param.grad is None)"
+    elif strategy.reads_parameters and engine == "deepspeed-zero3":
+        why = ("it reads or copies whole parameters outside the forward pass, and ZeRO-3 leaves an empty placeholder "
+               "of each parameter on a process between forwards")
+    else:
+        why = NOT_MEASURED
+    return f"strategies: {strategy.name!r} cannot run under the {engine} engine: {why}. Use configs/accelerate/ddp.yaml"
+
+
 def check_composition(strategies: Sequence[Strategy], *, modalities: set[str], num_processes: int = 1,
-                      model_capabilities: frozenset[str] | None = None, backend: str = "") -> None:
+                      model_capabilities: frozenset[str] | None = None, backend: str = "",
+                      engine: str = "single") -> None:
     """Refuse, before training, a combination the engine cannot run; the message says why and what to do."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
     names = [s.name for s in strategies]
     peft = [s.name for s in strategies if s.provides_peft]
     if len(peft) > 1:
@@ -106,6 +133,9 @@ def check_composition(strategies: Sequence[Strategy], *, modalities: set[str], n
             raise ConfigError(
                 f"strategies: {s.name!r} does not support distributed training yet; run it in one process"
             )
+        refused = engine_refusal(s, engine)
+        if refused:
+            raise ConfigError(refused)
         missing = s.requires_model - model_capabilities if model_capabilities is not None else frozenset()
         if missing:
             why = "; ".join(CAPABILITIES.get(c, c) for c in sorted(missing))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmcl.data.overlap import ExtraData, earlier_train_splits
 from mmcl.seeding import task_seed
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.registry import register_strategy
@@ -49,6 +50,10 @@ class Rehearsal(Strategy):
     """
 
     Config = RehearsalOptions
+
+    def extra_training_data(self, ctx: Context) -> list[ExtraData]:
+        """For the pre-flight leak check: every earlier task's train records may be mixed into a later task."""
+        return earlier_train_splits(ctx.stream, ctx.records, "rehearsal")
 
     def train_examples(self, ctx: Context, examples: list[Example]) -> list[Example]:
 

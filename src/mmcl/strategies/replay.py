@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from mmcl.data.overlap import ExtraData, earlier_train_splits
 from mmcl.seeding import task_seed
 from mmcl.strategies.base import Strategy
 from mmcl.strategies.registry import register_strategy
@@ -85,6 +86,14 @@ class Replay(Strategy):
         for task, _ in self.memory:
             out[task] = out.get(task, 0) + 1
         return out
+
+    def extra_training_data(self, ctx: Context) -> list[ExtraData]:
+        """For the pre-flight leak check: every earlier task's train records may be mixed into a later task."""
+        return earlier_train_splits(ctx.stream, ctx.records, "replay memory")
+
+    def state_bytes(self) -> dict[str, int]:
+        """Memory held now: the (task, id) pairs of the memory (the examples themselves are the stream's)."""
+        return {"memory ids": sum(len(t.encode()) + len(i.encode()) for t, i in self.memory)}
 
     def train_examples(self, ctx: Context, examples: list[Example]) -> list[Example]:
         if not self.memory:

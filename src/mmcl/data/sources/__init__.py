@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from mmcl.data.records import load_stream
+from mmcl.data.streams import load_stream
 
 from . import audiocaps, clotho_aqa, flickr30k, msrvtt, msvd_qa, okvqa
 from ._common import Source, SourceError, check_limit, write_task

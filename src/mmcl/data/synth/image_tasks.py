@@ -136,12 +136,49 @@ def caption(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
         yield Sample("Describe the image briefly.", refs[0], refs, img)
 
 
+def _region_of(box: Box, size: int) -> str:
+    """The caption region phrase nearest to the centre of `box`."""
+    cx, cy = (box[0] + box[2]) / 2 / size, (box[1] + box[3]) / 2 / size
+    return min(REGIONS, key=lambda r: (r[2][0] - cx) ** 2 + (r[2][1] - cy) ** 2)[0]
+
+
+ALIGN_KINDS = ("shape", "count", "word", "box")
+
+
 def align(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
-    """LLaVA stage-1 analogue: one shape anywhere, captioned by colour and class, to align the projector."""
-    for kind in balanced(rng, SHAPES, n):
-        colour = rng.choice(COLOUR_NAMES)
-        img = _single_shape(rng, size, kind, colour, lo=0.3, hi=0.8)
-        refs = [f"a {colour} {kind}", f"there is a {colour} {kind}", f"a {kind} that is {colour}"]
+    """LLaVA stage-1 analogue, with the kinds of caption a real pre-training mix holds (LAION-style captions, text
+    in images, grounded captions as in Kosmos-2/Shikra): one shape named by colour, class and place; one to four
+    identical shapes with their number; a written word; one shape with its box. The stream's tasks then ask for
+    what the base model has seen described, in new formats (so a task is learnable in the stream's few steps)."""
+    for what in balanced(rng, ALIGN_KINDS, n):
+        img = canvas(size, rng)
+        kind, colour = rng.choice(SHAPES), rng.choice(COLOUR_NAMES)
+        if what == "shape":
+            box = _random_box(rng, size, 0.3, 0.8)
+            draw_shape(img, kind, colour, box)
+            where = _region_of(box, size)
+            refs = [f"a {colour} {kind} {where}", f"there is a {colour} {kind} {where}", f"a {colour} {kind}"]
+        elif what == "count":
+            k = rng.randint(1, 4)
+            cell = size // 3
+            side = rng.randint(round(0.65 * cell), round(0.9 * cell))
+            for c in rng.sample(range(9), k):
+                x0 = (c % 3) * cell + rng.randint(0, cell - side)
+                y0 = (c // 3) * cell + rng.randint(0, cell - side)
+                draw_shape(img, kind, colour, (x0, y0, x0 + side, y0 + side))
+            noun = kind if k == 1 else "crosses" if kind == "cross" else f"{kind}s"
+            refs = [f"{NUMBER_WORDS[k]} {colour} {noun}", f"{k} {colour} {noun}", f"there are {k} {noun}"]
+        elif what == "word":
+            word = rng.choice(OCR_WORDS)
+            draw_word(img, word, rng)
+            refs = [f"the word {word}", f"the word {word} in black letters", f"{word} written in black"]
+        else:
+            side = rng.choice((3, 4, 5))
+            gx, gy = rng.randint(0, 10 - side), rng.randint(0, 10 - side)
+            box = tuple(round(g * size / 10) for g in (gx, gy, gx + side, gy + side))
+            draw_shape(img, kind, colour, box)
+            coords = "[" + ", ".join(f"{g / 10:.1f}" for g in (gx, gy, gx + side, gy + side)) + "]"
+            refs = [f"a {colour} {kind} at {coords}", f"the {colour} {kind} {coords}", f"a {kind} at {coords}"]
         yield Sample("Describe the image.", refs[0], refs, img)
 
 
@@ -160,7 +197,8 @@ STREAM_TASKS: tuple[TaskSpec, ...] = (
              caption),
 )
 ALIGN_TASK = TaskSpec("align", "image", "caption", "cider",
-                      "Projector alignment pairs (LLaVA stage 1): an image of one shape and its short caption.", align)
+                      "Alignment pairs (LLaVA stage 1): shapes, counts, words and boxes, each with a short caption.",
+                      align)
 
 
 IMAGE_QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?"}

@@ -9,6 +9,7 @@ With `speech=True` the audio tasks also carry words spoken by espeak-ng (speech.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,7 +33,7 @@ from .text_tasks import text_tasks
 from .video_tasks import VIDEO_ALIGN_TASK, VIDEO_TASKS
 
 FORMAT = "mmcl-world"
-VERSION = 2  # 2: audio and video tasks, the MICL streams
+VERSION = 3  # 2: audio and video tasks, the MICL streams; 3: 200 test records, richer alignment captions
 STREAM_DESCRIPTION = "Seven image instruction tasks in the spirit of CoIN; language skills as retention tasks."
 # P4's two task orders (AudioCaps, Flickr30k, MSVD-QA, Clotho-AQA, OK-VQA, MSR-VTT and the second permutation).
 MICL_ORDERS: dict[str, tuple[str, ...]] = {
@@ -54,9 +55,9 @@ class WorldSizes:
     """
 
     train: int = 192  # train records per stream task
-    test: int = 48  # test records per task (stream tasks and retention tasks)
+    test: int = 200  # test records per task (stream tasks and retention tasks): one record is 0.5 points
     lang_train: int = 600  # train records per language skill (used for LM pre-training)
-    align: int = 1200  # image-caption pairs for projector alignment (LLaVA stage 1)
+    align: int = 4800  # image-caption pairs for the vision tower and projector alignment (LLaVA stage 1)
     image_size: int = 64  # pixels (square PNG)
 
     def __post_init__(self) -> None:
@@ -74,37 +75,47 @@ class WorldSizes:
 
 
 def _write_split(task_dir: Path, spec: TaskSpec, split: str, n: int, seed: int, image_size: int,
-                 bar: tqdm) -> int:
-    """Write one split file (and its images); return the longest gold answer in characters."""
+                 bar: tqdm, exclude: frozenset[str] = frozenset()) -> tuple[int, set[str]]:
+    """Write one split file (and its media), skipping any sample whose prompt and media bytes are in `exclude` (so
+    a test record never repeats a train record); return the longest gold answer in characters and the split's
+    fingerprints."""
     rng = random.Random(f"mmcl-world/{seed}/{spec.name}/{split}")
     longest = 0
-    lines = []
-    for i, sample in enumerate(spec.generate(rng, n, image_size)):
-        rec_id = f"{spec.name}-{split}-{i:05d}"
+    lines: list[str] = []
+    seen: set[str] = set()
+    spare = 4 * n + 64 if exclude else n  # generators are lazy: spares are drawn only to replace skipped samples
+    for sample in spec.generate(rng, spare, image_size):
+        if len(lines) == n:
+            break
+        rec_id = f"{spec.name}-{split}-{len(lines):05d}"
         rec: dict = {"id": rec_id}
         human = sample.prompt
+        media: tuple[str, str, bytes] | None = None
         if sample.image is not None:
-            rel = f"images/{rec_id}.png"
-            (task_dir / rel).write_bytes(png_bytes(sample.image))
-            rec["image"] = rel
-            human = "<image>\n" + human
+            media = ("image", f"images/{rec_id}.png", png_bytes(sample.image))
         elif sample.audio is not None:
-            rel = f"audio/{rec_id}.wav"
-            (task_dir / rel).write_bytes(wav_bytes(sample.audio, SAMPLE_RATE))
-            rec["audio"] = rel
-            human = "<audio>\n" + human
+            media = ("audio", f"audio/{rec_id}.wav", wav_bytes(sample.audio, SAMPLE_RATE))
         elif sample.video is not None:
-            rel = f"video/{rec_id}{CLIP_SUFFIX}"
-            (task_dir / rel).write_bytes(clip_bytes(sample.video))
-            rec["video"] = rel
-            human = "<video>\n" + human
+            media = ("video", f"video/{rec_id}{CLIP_SUFFIX}", clip_bytes(sample.video))
+        fingerprint = hashlib.sha256(human.encode() + b"\0" + (media[2] if media else b"")).hexdigest()
+        if fingerprint in exclude:
+            continue
+        seen.add(fingerprint)
+        if media is not None:
+            kind, rel, data = media
+            (task_dir / rel).write_bytes(data)
+            rec[kind] = rel
+            human = f"<{kind}>\n" + human
         rec["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": sample.answer}]
         rec["answers"] = sample.answers or [sample.answer]
         lines.append(json.dumps(rec, ensure_ascii=False, sort_keys=False))
         longest = max(longest, len(sample.answer))
         bar.update(1)
+    if len(lines) < n:
+        raise ValueError(f"{spec.name}/{split}: only {len(lines)} of {n} records differ from the train split; "
+                         "the task has too few distinct samples for these sizes")
     (task_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return longest
+    return longest, seen
 
 
 def _write_task(root: Path, train: TaskSpec, test: TaskSpec, n_train: int, n_test: int, seed: int,
@@ -114,8 +125,12 @@ def _write_task(root: Path, train: TaskSpec, test: TaskSpec, n_train: int, n_tes
     task_dir.mkdir(parents=True)
     if train.modality in MEDIA_DIRS:
         (task_dir / MEDIA_DIRS[train.modality]).mkdir()
-    longest = max(_write_split(task_dir, train, "train", n_train, seed, image_size, bar),
-                  _write_split(task_dir, test, "test", n_test, seed, image_size, bar))
+    longest_train, train_prints = _write_split(task_dir, train, "train", n_train, seed, image_size, bar)
+    # media tasks: a test record never repeats a train record; the language skills are memorised skills (all 155
+    # single-digit sums are in training), tested on the trained questions (facts: in a second phrasing)
+    exclude = frozenset(train_prints) if train.modality in MEDIA_DIRS else frozenset()
+    longest_test, _ = _write_split(task_dir, test, "test", n_test, seed, image_size, bar, exclude)
+    longest = max(longest_train, longest_test)
     manifest = {
         "name": train.name,
         "modality": train.modality,

@@ -1,0 +1,88 @@
+"""`mmcl run --accelerate-config FILE` end to end: the CLI checks the file, then hands over to Accelerate's own
+launcher (`accelerate launch --config_file FILE -m mmcl run ...`), whose two CPU processes (gloo) train like one
+process with the same global batch (docs/distributed.md, tolerance as in docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from support import FAST, QUIET, fast_engine, latest, sigterm_at_first_mid_task_checkpoint, tensors_of
+
+from mmcl.cli import main
+from mmcl.config import load_config
+from mmcl.engine import checkpoint as ck
+from mmcl.engine import loop
+
+pytestmark = [pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[1]
+ATOL = 1e-5  # 2 processes vs 1 differ only by float summation order (docs/reliability.md)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_file(where: Path) -> Path:
+    """The shipped configs/accelerate/ddp.yaml (2 processes), on a port no other test uses."""
+    config = yaml.safe_load((ROOT / "configs" / "accelerate" / "ddp.yaml").read_text())
+    config["main_process_port"] = free_port()
+    path = where / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_accelerate_config_launches_two_processes_that_train_like_one(micro_overrides, monkeypatch, tmp_path):
+    acc_file = ddp_file(tmp_path)
+    args = micro_overrides("launched", tasks=1, **FAST)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "mmcl", "run", *args, "--accelerate-config", str(acc_file),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ddp, 2 process(es): -m accelerate.commands.launch --config_file" in proc.stderr
+    run_dir = tmp_path / "launched"
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["world_size"] == 2, environment  # really two processes, not one
+
+    fast_engine(monkeypatch)
+    single = loop.run(load_config(None, micro_overrides("single", tasks=1, **FAST)), **QUIET)
+    w2, w1 = tensors_of(latest(run_dir))["model"], tensors_of(latest(single))["model"]
+    assert w1.keys() == w2.keys()
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert worst <= ATOL, f"2 processes (accelerate launch) vs 1: max |difference| {worst:.2e} > {ATOL}"
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_launched_run_checkpoints_on_every_rank_and_resumes_to_the_same_weights(micro_overrides,
+                                                                                           monkeypatch, tmp_path):
+    """`--accelerate-config` hands the process over to Accelerate's launcher, so a scheduler's SIGTERM reaches the
+    launcher, which passes it to both ranks: they finish the step, write one complete checkpoint and stop (each rank
+    exits 143, the launcher 1); resuming ends with the weights of an uninterrupted run."""
+    over = {"data.train_limit": 16, "train.batch_size": 4, "train.epochs": 3, "train.max_steps": 12,
+            "data.test_limit": 1, "eval.max_new_tokens": 1, "eval.retention": "false"}
+    args = micro_overrides("cut", tasks=1, **over, **{"checkpoint.every_steps": 1})
+    run_dir = tmp_path / "cut"
+    code, out, err = sigterm_at_first_mid_task_checkpoint(
+        [sys.executable, "-m", "mmcl", "run", *args, "--accelerate-config", str(ddp_file(tmp_path)), "--no-progress"],
+        run_dir, dict(os.environ, OMP_NUM_THREADS="1"), timeout=180, poll=0.05)
+    assert code == 1, err[-3000:]  # the launcher's (torch elastic's SignalException); ranks exit 143
+    assert err.count("preempted: task 1/1 color_qa: stopped after step") == 2, err[-3000:]  # both ranks
+    stopped = latest(run_dir)
+    assert "-step-" in stopped.name
+    ck.verify_checkpoint(stopped)
+
+    fast_engine(monkeypatch)  # resume in this process: the checkpoint holds the global state, not a rank's
+    assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0
+    full = loop.run(load_config(None, micro_overrides("full", tasks=1, **over)), **QUIET)
+    wa, wb = tensors_of(latest(full))["model"], tensors_of(latest(run_dir))["model"]
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst <= ATOL, f"stopped at {stopped.name}, resumed: max |difference| {worst:.2e}"
