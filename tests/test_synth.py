@@ -64,11 +64,11 @@ def test_different_seed_differs(world: Path, tmp_path: Path) -> None:
 
 def test_world_json_and_stream(world: Path) -> None:
     meta = json.loads((world / "world.json").read_text(encoding="utf-8"))
-    assert meta["format"] == "mmcl-world" and meta["version"] == 3 and meta["seed"] == 3
+    assert meta["format"] == "mmcl-world" and (meta["version"], meta["data_version"], meta["seed"]) == (4, 3, 3)
     assert meta["sizes"] == {"train": 8, "test": 8, "lang_train": 12, "align": 6, "image_size": 32}
     assert meta["pretrain"] == {"text": [f"tasks/{t}" for t in RETENTION],
                                 "align": ["tasks/align", "tasks/align_audio", "tasks/align_video"]}
-    assert list(meta["streams"]) == ["image", "micl1", "micl2"]
+    assert list(meta["streams"]) == ["image", "micl1", "micl2", "p1"]
     stream_file = world / meta["streams"]["image"]
     stream = yaml.safe_load(stream_file.read_text(encoding="utf-8"))
     assert stream["name"] == "image"
@@ -76,6 +76,16 @@ def test_world_json_and_stream(world: Path) -> None:
     assert [Path(t).name for t in stream["retention"]] == RETENTION
     for rel in stream["tasks"] + stream["retention"]:
         assert (stream_file.parent / rel / "task.yaml").is_file(), rel
+
+
+def test_p1_stream_is_stage_1_then_four_stage_2_tasks_with_the_language_probes(world: Path) -> None:
+    from mmcl.data.streams import load_stream
+
+    p1 = load_stream(world / "streams" / "p1.yaml")
+    assert [t.name for t in p1.tasks] == ["align", "image_cap", "image_qa", "ocr", "grounding"]
+    assert (p1.tasks[0].train_parts, p1.tasks[0].train_lr) == (["projectors"], 1e-3)
+    assert all(t.train_parts is None and t.train_lr is None for t in p1.tasks[1:])
+    assert [t.name for t in p1.retention] == ["probe-nlu-200", "probe-nlg"]
 
 
 @pytest.mark.parametrize("task", ALL_TASKS)

@@ -34,19 +34,24 @@ def builtin_world(*, progress: bool = True, log=print) -> Path:
 def builtin_model(*, progress: bool = True, log=print) -> Path:
     """The tiny base model directory, pre-trained on the built-in world if it is not cached yet (~5 min on a CPU);
     one pre-trained on an older world version is replaced."""
-    from mmcl.data.synth.world import VERSION
+    from mmcl.data.synth.world import DATA_VERSION
     from mmcl.models.tiny import TINY_MODALITIES
     from mmcl.pretrain import pretrain
 
     path = mmcl_home() / "models" / "tiny"
     index, info = path / "mmcl_model.json", path / "pretrain.json"
     stale = index.exists() and (set(json.loads(index.read_text())["modalities"]) != set(TINY_MODALITIES)
-                                or not info.exists() or json.loads(info.read_text()).get("world_version") != VERSION)
+                                or not info.exists() or _data_version(json.loads(info.read_text())) != DATA_VERSION)
     if not index.exists() or stale:
         why = ": the cached one is from an older mmcl (another world or model)" if stale else ""
         log(f"pre-training the tiny base model into {path} (once, about five minutes on a CPU){why}")
         pretrain(builtin_world(progress=progress, log=log), path, progress=progress, log=log)
     return path
+
+
+def _data_version(info: dict):
+    """The world data a base model was pre-trained on (older pretrain.json files name only the world version)."""
+    return info.get("world_data_version", info.get("world_version"))
 
 
 def small_model() -> Path:

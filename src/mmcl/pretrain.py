@@ -196,6 +196,7 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
         "world": str(world.resolve()),
         "world_seed": index.get("seed"),
         "world_version": index.get("version"),
+        "world_data_version": index.get("data_version", index.get("version")),
         "config": asdict(cfg),
         "scores": scores,
         "steps": {"language": r1.steps, "align": r2.steps},

@@ -33,7 +33,10 @@ from .text_tasks import text_tasks
 from .video_tasks import VIDEO_ALIGN_TASK, VIDEO_TASKS
 
 FORMAT = "mmcl-world"
-VERSION = 3  # 2: audio and video tasks, the MICL streams; 3: 200 test records, richer alignment captions
+VERSION = 4  # 2: audio and video tasks, the MICL streams; 3: 200 test records, richer alignment captions; 4: P1 stream
+DATA_VERSION = 3
+"""The version of the task data itself: a world that only gains a stream keeps it, and so does a base model
+pre-trained on it (`mmcl.builtin.builtin_model`)."""
 STREAM_DESCRIPTION = "Seven image instruction tasks in the spirit of CoIN; language skills as retention tasks."
 # P4's two task orders (AudioCaps, Flickr30k, MSVD-QA, Clotho-AQA, OK-VQA, MSR-VTT and the second permutation).
 MICL_ORDERS: dict[str, tuple[str, ...]] = {
@@ -43,6 +46,11 @@ MICL_ORDERS: dict[str, tuple[str, ...]] = {
 MICL_DESCRIPTION = ("Modality-inconsistent stream (P4, order {k}): image, audio and video captioning and QA; "
                     "language skills as retention tasks.")
 MEDIA_DIRS = {"image": "images", "audio": "audio", "video": "video"}
+P1_TASKS = ("image_cap", "image_qa", "ocr", "grounding")
+"""P1's "Continual LLaVA" stage-2 tasks on the world: instruction following (captioning), VQA, OCR, referring."""
+P1_DESCRIPTION = ("P1's LLaVA recipe as a continual stream: stage 1 (projector alignment on captions, projectors only, "
+                  "lr 1e-3), then instruction following, VQA, OCR and grounding; real-text language probes as retention "
+                  "(for a model with a real language model, e.g. model.path=small).")
 
 
 @dataclass
@@ -215,12 +223,22 @@ def write_world(out: Path, seed: int = 0, sizes: WorldSizes | None = None, progr
                 "tasks": [f"../{micl[t]}" for t in order],
                 "retention": [f"../{t}" for t in retention],
             })
+        by_name = {Path(t).name: t for t in [*stream, *micl.values()]}
+        _write_yaml(tmp / "streams" / "p1.yaml", {
+            "name": "p1",
+            "description": P1_DESCRIPTION,
+            "tasks": [{"task": f"../{align[0]}", "train": ["projectors"], "lr": 1.0e-3},
+                      *[f"../{by_name[t]}" for t in P1_TASKS]],
+            "retention": ["probe:nlu:200", "probe:nlg"],
+        })
         world = {
             "format": FORMAT,
             "version": VERSION,
+            "data_version": DATA_VERSION,
             "seed": seed,
             "sizes": asdict(sizes),
-            "streams": {"image": "streams/image.yaml", **{k: f"streams/{k}.yaml" for k in MICL_ORDERS}},
+            "streams": {"image": "streams/image.yaml", **{k: f"streams/{k}.yaml" for k in MICL_ORDERS},
+                        "p1": "streams/p1.yaml"},
             "pretrain": {"text": retention, "align": align},
         }
         if speech_meta:  # only then, so a world without speech is byte-identical to one written before the option
@@ -241,7 +259,8 @@ def _task_dirs(world_dir: Path) -> list[Path]:
     for stream_rel in world["streams"].values():
         stream_file = world_dir / stream_rel
         stream = yaml.safe_load(stream_file.read_text(encoding="utf-8"))
-        dirs += [(stream_file.parent / t).resolve() for t in stream["tasks"] + stream.get("retention", [])]
+        entries = [t["task"] if isinstance(t, dict) else t for t in stream["tasks"] + stream.get("retention", [])]
+        dirs += [(stream_file.parent / t).resolve() for t in entries if ":" not in t]  # not probe:/lm_eval: entries
     for group in world["pretrain"].values():
         dirs += [(world_dir / t).resolve() for t in group]
     return list(dict.fromkeys(dirs))
