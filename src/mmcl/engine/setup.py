@@ -110,8 +110,8 @@ def set_trainable(model: MLLM, parts: list[str], modalities: set[str] | None = N
 
 
 def restrict_trainable(model: MLLM, parts: list[str], modalities: set[str] | None = None) -> list:
-    """Freeze every trainable parameter outside `parts` (a task's `train:` in its stream entry) and return them, for
-    `release` after the task; what the method trains inside those parts (e.g. LoRA's adapters) is left as it is."""
+    """Freeze every trainable parameter outside `parts` (a task's `train:` in its stream entry) and return them, so the
+    loop trains them again after the task; what the method trains inside those parts (LoRA's adapters) is kept."""
     keep = {id(p) for part in parts for p in model.part_parameters(part, modalities)}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
     for p in frozen:
