@@ -617,7 +617,7 @@ def test_video_answers_match_the_frames(world: Path) -> None:
 def test_micl_streams_in_both_p4_orders(world: Path) -> None:
     meta = json.loads((world / "world.json").read_text())
     assert meta["streams"] == {"image": "streams/image.yaml", "micl1": "streams/micl1.yaml",
-                               "micl2": "streams/micl2.yaml"}
+                               "micl2": "streams/micl2.yaml", "p1": "streams/p1.yaml"}
     assert meta["pretrain"]["align"] == ["tasks/align", "tasks/align_audio", "tasks/align_video"]
     modality = {"audio_cap": "audio", "audio_qa": "audio", "image_cap": "image", "image_qa": "image",
                 "video_cap": "video", "video_qa": "video"}
