@@ -290,3 +290,13 @@ def test_task_orders_average_each_run_metric_and_share_the_record_draws(tmp_path
         assert s[key]["mean"] == pytest.approx(np.mean([m[key] for m in expected]), abs=1e-3), key
         lo, hi = s[key]["ci"]
         assert s[key]["n"] == 4 and lo - 1e-9 <= s[key]["mean"] <= hi + 1e-9
+
+
+def test_a_tie_up_to_float_rounding_is_not_significant():
+    import numpy as np
+
+    from mmcl.compare import _difference
+
+    rounding = np.full(1000, -1.4e-15)  # two methods with the same scores, a metric recomputed in another order
+    assert _difference(-1.4e-15, rounding)["significant"] is False
+    assert _difference(0.5, np.full(1000, 0.5))["significant"] is True

@@ -215,10 +215,15 @@ def _with_ci(per_run, samples: np.ndarray) -> dict:
     return {**_stats(per_run), "ci": bs.interval(samples, LEVEL)}
 
 
+TIE = 1e-9
+"""Paired differences within this of 0 are ties: two methods with the same scores differ only by float rounding in
+the recomputed metrics (e.g. both lose a retention task entirely), which must not count as a significant difference."""
+
+
 def _difference(point: float | None, samples: np.ndarray) -> dict:
-    """A paired difference: its value, interval and whether the interval excludes 0."""
+    """A paired difference: its value, interval and whether the interval excludes 0 (by more than rounding)."""
     ci = None if point is None else bs.interval(samples, LEVEL)
-    return {"diff": point, "ci": ci, "significant": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))}
+    return {"diff": point, "ci": ci, "significant": bool(ci is not None and (ci[0] > TIE or ci[1] < -TIE))}
 
 
 def _run_metrics(orders: list[bs.RunSet]) -> dict[str, np.ndarray]:
