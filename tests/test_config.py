@@ -18,9 +18,9 @@ from mmcl.config import (
     apply_override,
     build_dataclass,
     config_from_dict,
-    field_help,
     load_config,
 )
+from mmcl.config_help import field_help
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_synth,
         cmd_validate,
     )
-    from mmcl.config import field_help
+    from mmcl.config_help import field_help
 
     p = argparse.ArgumentParser(
         prog="mmcl",

@@ -391,28 +391,3 @@ def config_from_dict(data: dict) -> RunConfig:
 def build_dataclass(cls: type, data: dict | None, where: str) -> Any:
     """Build any config dataclass from a mapping with the same checks and messages as the run config."""
     return _build(cls, data or {}, where)
-
-
-def field_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every field, read from the attribute docstrings above; used by `--help`."""
-    import ast
-    import inspect
-
-    docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
-    rows = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        key = prefix + f.name
-        if dataclasses.is_dataclass(hint):
-            rows += field_help(hint, key + ".")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if key == "strategies":
-            default = [s.name for s in default]
-        rows.append((key, repr(default), docs.get(f.name, "")))
-    return rows
