@@ -144,41 +144,6 @@ def test_classification_uses_first_reference_only() -> None:
     assert res.score == 50.0
 
 
-@pytest.mark.parametrize(
-    ("pred", "ref", "expected"),
-    [
-        ("B", "B", 100.0),
-        ("B.", "B", 100.0),
-        ("(B)", "B", 100.0),
-        ("B) a red cube", "B", 100.0),
-        ("The answer is B.", "B", 100.0),  # "T" of "The" is glued to "he", so B is the first standalone capital
-        ("b", "B", 100.0),  # lower-case fallback
-        ("the answer is c", "C", 100.0),
-        ("it's c", "C", 100.0),  # the "s" after the apostrophe is not a letter token; "c" is
-        ("C", "B", 0.0),
-        ("no idea", "B", 0.0),  # no standalone letter at all
-        ("", "B", 0.0),
-        ("A", "a", 100.0),  # reference letter read with the same rule: "a" → "A"
-        ("A", "(A) a dog", 100.0),
-        ("D is wrong, B", "B", 0.0),  # the first standalone capital wins
-        ("The answer is (C).", "C", 100.0),  # explicit forms come first
-        ("Answer: d", "D", 100.0),
-        ("I choose option B", "B", 100.0),  # "option B" beats the standalone "I"
-        ("A. a circle", "A", 100.0),
-    ],
-)
-def test_option_letter(pred: str, ref: str, expected: float) -> None:
-    assert get_scorer("option_letter")([pred], [[ref]]).per_sample == [expected]
-
-
-def test_option_letter_reference_without_letter_raises() -> None:
-    with pytest.raises(ValueError, match=r"references\[0\]\[0\] = '42' contains no option letter"):
-        get_scorer("option_letter")(["A"], [["42"]])
-
-
-# ------------------------------------------------------------------------------------------------ grounding
-
-
 def test_box_iou_function() -> None:
     # a=[0,0,2,2] (area 4), b=[1,1,3,3] (area 4): intersection [1,1,2,2] = 1; union 4+4-1 = 7
     assert box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)

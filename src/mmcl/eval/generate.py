@@ -9,7 +9,7 @@ import torch
 
 from mmcl.data.batching import Collator, encode_records
 from mmcl.data.records import Record, Task
-from mmcl.eval.scorers import get_scorer
+from mmcl.eval.scorers import run_scorer
 from mmcl.models.base import MLLM, Processor
 
 
@@ -81,6 +81,7 @@ def evaluate_task(
     gather: Callable[[list], list] | None = None,
 ) -> TaskResult:
     """Score a task's test records with its scorer; returns the score (0-100 scale) and per-record predictions.
+    A scorer that declares a `prompts` parameter (e.g. `option_letter`) also gets each record's prompt.
 
     With `shard` = (rank, world) > 1 process, this process generates only records rank, rank + world, ... and
     `gather` (every process's list, concatenated in rank order, on every process) brings the answers together, so
@@ -96,16 +97,17 @@ def evaluate_task(
     for i, a in (gather(pairs) if world > 1 and gather is not None else pairs):
         answers[i] = a
     refs = [r.references for r in records]
-    result = get_scorer(task.scorer)(answers, refs)
+    prompts = [r.conversations[-2]["value"] for r in records]
+    result = run_scorer(task.scorer, answers, refs, prompts=prompts)  # only scorers that declare prompts get them
     preds = [
         {
             "id": r.id,
-            "prompt": r.conversations[-2]["value"],
+            "prompt": p,
             "prediction": a,
             "references": ref,
             "score": s,
         }
-        for r, a, ref, s in zip(records, answers, refs, result.per_sample)
+        for r, p, a, ref, s in zip(records, prompts, answers, refs, result.per_sample)
     ]
     return TaskResult(task.name, float(result.score), preds)
 

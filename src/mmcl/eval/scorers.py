@@ -2,7 +2,9 @@
 
 Every scorer has the signature ``(predictions, references) -> ScoreResult`` where ``references[k]`` is the
 non-empty list of acceptable answers for ``predictions[k]``. Scorers are looked up by name from the task
-manifest, so they live in a registry (``@register_scorer("name")``, ``get_scorer``, ``list_scorers``).
+manifest, so they live in a registry (``@register_scorer("name")``, ``get_scorer``, ``list_scorers``). A scorer
+that needs the prompts (``option_letter`` reads the options they list) declares a keyword-only
+``prompts: list[str] | None = None`` parameter; ``run_scorer`` passes them to such scorers only.
 
 A bad *prediction* never raises (models produce garbage; it scores 0). A bad *reference* always raises,
 because it is a data bug the user must fix.
@@ -10,11 +12,14 @@ because it is a data bug the user must fix.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from mmcl.eval.options import option_named, parse_options
 
 __all__ = [
     "ScoreResult",
@@ -24,6 +29,8 @@ __all__ = [
     "list_scorers",
     "normalize_answer",
     "register_scorer",
+    "run_scorer",
+    "takes_prompts",
 ]
 
 
@@ -69,6 +76,22 @@ def get_scorer(name: str) -> Scorer:
 def list_scorers() -> list[str]:
     """Names of all registered scorers, sorted."""
     return sorted(_REGISTRY)
+
+
+def takes_prompts(scorer: Scorer) -> bool:
+    """Whether `scorer` declares a keyword-only ``prompts`` parameter, i.e. wants the prompts it scores."""
+    param = inspect.signature(scorer).parameters.get("prompts")
+    return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def run_scorer(name: str, predictions: list[str], references: list[list[str]], *,
+               prompts: list[str] | None = None) -> ScoreResult:
+    """Score with the scorer registered as `name`, handing it `prompts` only if it declares them (every other
+    scorer keeps the plain two-argument signature)."""
+    scorer = get_scorer(name)
+    if prompts is not None and takes_prompts(scorer):
+        return scorer(predictions, references, prompts=prompts)  # type: ignore[call-arg]
+    return scorer(predictions, references)
 
 
 # --------------------------------------------------------------------------------------------- normalisation
@@ -190,28 +213,56 @@ _EXPLICIT_LETTER = [
     re.compile(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-Za-z])\b(?![A-Za-z'’])", re.IGNORECASE),
     re.compile(r"^\s*([A-Za-z])\s*(?:[.):]|$)"),  # "B", "B.", "B)", "B:" at the start
 ]
+_ARTICLE_NEXT = re.compile(r"[ \t]+\w")  # "a"/"A" then a word on the same line: "a circle", "is A square"
+_ANSWER_LEAD = re.compile(r"^(?:answer is|answer) (?=\S)")  # after normalisation: "The answer is:" -> "answer is"
 
 
-def _option_letter(text: str) -> str | None:
-    """The option letter of an answer: an explicit form first — "(B)", "the answer is B" / "option: B", or a
-    letter that opens the answer as "B", "B." or "B)" — else the first standalone capital letter, else the first
-    standalone lower-case letter (upper-cased)."""
-    for pattern in _EXPLICIT_LETTER:
-        m = pattern.search(text)
-        if m:
+def _first_letter(patterns: Sequence[re.Pattern[str]], text: str, articles: bool) -> str | None:
+    """The first match's letter over `patterns` in order; with `articles`, "a"/"A" followed by a word is skipped."""
+    for pattern in patterns:
+        for m in pattern.finditer(text):
+            if articles and m.group(1) in "aA" and _ARTICLE_NEXT.match(text, m.end(1)):
+                continue
             return m.group(1).upper()
-    m = _CAPITAL_LETTER.search(text) or _LOWER_LETTER.search(text)
-    return m.group(1).upper() if m else None
+    return None
+
+
+def _option_letter(text: str, options: dict[str, str] | None = None) -> str | None:
+    """The option letter of an answer, in this order:
+
+    1. an explicit form — "(B)", "the answer is B" / "option: B", or a letter that opens the answer as "B", "B."
+       or "B)";
+    2. when the prompt listed `options`: the one option whose text the answer gives (``option_named`` on the
+       normalised answer, "the answer is" / "answer:" dropped), so "Square." and "The answer is square" are B when
+       B is "square", while an answer naming two options' texts names none;
+    3. the first standalone capital letter, else the first standalone lower-case letter (upper-cased).
+
+    With options, "a"/"A" followed by a word ("a circle", "The answer is a square") is the article, not a letter,
+    in steps 1 and 3, so the text decides; without options every step reads as it always did. "A." or "(a)" stays a
+    letter either way.
+    """
+    articles = bool(options)
+    letter = _first_letter(_EXPLICIT_LETTER, text, articles)
+    if letter is None and options:
+        answer = _ANSWER_LEAD.sub("", normalize_answer(text))
+        letter = option_named(answer, {k: normalize_answer(v) for k, v in options.items()})
+    return letter or _first_letter([_CAPITAL_LETTER, _LOWER_LETTER], text, articles)
 
 
 @register_scorer("option_letter")
-def option_letter(predictions: list[str], references: list[list[str]]) -> ScoreResult:
+def option_letter(predictions: list[str], references: list[list[str]], *,
+                  prompts: list[str] | None = None) -> ScoreResult:
     """Multiple choice: 100 if the option letter found in the prediction equals the reference letter.
 
-    The reference letter is read with the same rule as the prediction (so "A", "(a)" and "A. cat" all give
-    "A"); the prediction scores 0 when it contains no standalone letter.
+    The reference letter is read with the letter rules alone (so "A", "(a)" and "A. cat" all give "A"). Given the
+    prompts, the options each lists ("A. circle", "(B) square", ...; see ``parse_options``) also let a prediction
+    name its option by text (order in ``_option_letter``); a prompt without options changes nothing. The prediction
+    scores 0 when it yields no letter.
     """
     _check_inputs(predictions, references, "option_letter")
+    if prompts is not None and len(prompts) != len(predictions):
+        raise ValueError(f"option_letter: got {len(prompts)} prompts for {len(predictions)} predictions; "
+                         "pass one prompt per prediction, or none")
     per = []
     for k, (pred, refs) in enumerate(zip(predictions, references)):
         ref_letter = _option_letter(refs[0].strip())
@@ -220,7 +271,8 @@ def option_letter(predictions: list[str], references: list[list[str]]) -> ScoreR
                 f"option_letter: references[{k}][0] = {refs[0]!r} contains no option letter; "
                 "multiple-choice references must be a letter such as 'B'"
             )
-        per.append(100.0 if _option_letter(pred) == ref_letter else 0.0)
+        options = parse_options(prompts[k]) if prompts is not None else None
+        per.append(100.0 if _option_letter(pred, options) == ref_letter else 0.0)
     return _result(per)
 
 
