@@ -27,18 +27,22 @@ def _matrix_json(A: np.ndarray, R: np.ndarray, tasks: list[str], retention: list
     return {"tasks": tasks, "retention": retention, "rows": rows}
 
 
-@pytest.mark.parametrize("T, K", [(1, 0), (2, 1), (3, 2), (5, 3)])
-def test_batch_metrics_equal_the_reference_metrics(T, K):
+@pytest.mark.parametrize("T, K, language", [(1, 0, False), (2, 1, False), (3, 2, False), (5, 3, False),
+                                             (2, 3, True), (3, 2, True)])
+def test_batch_metrics_equal_the_reference_metrics(T, K, language):
     """One formula, two forms: the vectorised metrics equal `compute_metrics` on every matrix of a batch."""
     rng = np.random.default_rng(T * 10 + K)
     A = rng.uniform(0, 100, size=(4, T + 1, T))
     R = rng.uniform(0, 100, size=(4, T + 1, K))
     R[0, 0, :] = 0.0  # a zero retention score: floored at 0.001 in the harmonic mean
-    out = bs.batch_metrics(A, R)
-    tasks, retention = [f"t{i}" for i in range(T)], [f"r{k}" for k in range(K)]
+    tasks = [f"t{i}" for i in range(T)]
+    retention = (["probe-nlu", "probe-nlg", "nlu_mine"][:K] if language else [f"r{k}" for k in range(K)])
+    out = bs.batch_metrics(A, R, retention)
     for b in range(4):
         ref = compute_metrics(_matrix_json(A[b], R[b], tasks, retention))
         ref["retention_drop"] = ref["retention_drop"]["mean"]
+        change = ref.get("language_change") or {}
+        ref["nlu_change"], ref["nlg_change"] = change.get("nlu"), change.get("nlg")
         for key in bs.METRIC_KEYS:
             if ref[key] is None:
                 assert np.isnan(out[key][b]), key
@@ -59,8 +63,22 @@ def test_batch_metrics_hand_worked():
     assert m["forward_transfer"] == 10  # A[1][2] - A[0][2] = 30 - 20
     assert m["plasticity"] == 85  # (80 + 90) / 2
     assert np.isnan(m["retention_drop"]) and np.isnan(m["linguistic_forgetting"])
+    assert np.isnan(m["nlu_change"]) and np.isnan(m["nlg_change"])
     with pytest.raises(ValueError, match="complete matrices"):
         bs.batch_metrics(A[:2], np.zeros((2, 0)))
+
+
+def test_batch_metrics_language_change_hand_worked():
+    """P1's NLU / NLG change: harmonic mean of the base row minus that of the last row, per kind of column."""
+    A = np.array([[0.0], [50.0]])
+    #              nlu_a  nlg   nlu_b
+    R = np.array([[80.0, 50.0, 20.0],   # base model
+                  [60.0, 40.0, 20.0]])  # after the task
+    m = bs.batch_metrics(A, R, ["probe-nlu", "probe-nlg", "lm_eval-arc_easy"])
+    assert m["nlu_change"] == pytest.approx(32.0 - 30.0)  # HM(80, 20) = 2/(1/80 + 1/20) = 32; HM(60, 20) = 30
+    assert m["nlg_change"] == pytest.approx(10.0)  # 50 - 40
+    # P1's NL change over all three: 3/(1/80 + 1/50 + 1/20) = 36.364 minus 3/(1/60 + 1/40 + 1/20) = 32.727
+    assert m["linguistic_forgetting"] == pytest.approx(400 / 11 - 360 / 11)
 
 
 # ---------------------------------------------------------------------------------------------- bootstrap

@@ -177,6 +177,13 @@ def test_literal_choices_are_listed() -> None:
         load_config(None, ["data.on_bad_record=ignore"])
 
 
+def test_bare_no_that_yaml_reads_as_false_is_the_choice_no() -> None:
+    assert load_config(None, ["train.precision=no"]).train.precision == "no"
+    assert load_config(None, ["train.precision=bf16", "train.precision=off"]).train.precision == "no"
+    with pytest.raises(ConfigError, match=r"train\.schedule: True is not one of"):
+        load_config(None, ["train.schedule=yes"])  # no choice means yes there
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32])
 def test_seed_out_of_range_is_refused_with_the_range(seed: int) -> None:
     with pytest.raises(ConfigError, match=rf"seed: {seed} is out of range; use an integer with 0 <= seed < 2\*\*32"):

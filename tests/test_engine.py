@@ -364,3 +364,22 @@ def test_sharded_evaluation_generates_only_its_share_and_scores_the_gathered_ans
     got = [p["prediction"] for p in half.predictions]
     assert got[1] == got[3] == "zzz" and [got[i] for i in (0, 2, 4)] == [full.predictions[i]["prediction"]
                                                                         for i in (0, 2, 4)]
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("no", torch.float32), ("bf16", torch.bfloat16)])
+def test_evaluation_runs_at_the_training_precision(micro_overrides, precision, dtype):
+    """The accuracy matrix is measured at the precision the run trains at: under train.precision=bf16 the language
+    model's linear layers compute in bf16 during scoring (generation and log-likelihood alike), fp32 otherwise."""
+    from mmcl.engine.evaluation import score_task
+
+    ctx, _, _ = build_context(load_config(None, micro_overrides(f"prec-{precision}", tasks=1, **{
+        "data.test_limit": 2, "train.precision": precision})), log=lambda *a: None)
+    seen = set()
+    linear = next(m for m in ctx.model.modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    try:
+        for task in [ctx.stream.tasks[0], *ctx.stream.retention]:
+            score_task(ctx, task)
+    finally:
+        handle.remove()
+    assert seen == {dtype}

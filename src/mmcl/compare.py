@@ -230,7 +230,7 @@ def _run_metrics(orders: list[bs.RunSet]) -> dict[str, np.ndarray]:
     """Every metric of every run (orders x seeds, flattened), from the mean of its per-record scores."""
     per_order = [bs.batch_metrics(np.stack([o.scores[t].mean(-1) for t in o.tasks], -1),
                                   np.stack([o.scores[t].mean(-1) for t in o.retention], -1) if o.retention
-                                  else np.zeros((*o.scores[o.tasks[0]].shape[:2], 0))) for o in orders]
+                                  else np.zeros((*o.scores[o.tasks[0]].shape[:2], 0)), o.retention) for o in orders]
     return {k: np.concatenate([m[k] for m in per_order]) for k in bs.METRIC_KEYS}
 
 

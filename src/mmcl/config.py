@@ -88,7 +88,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping (0 disables)."""
     precision: Literal["no", "bf16"] = "no"
-    """Mixed precision through Accelerate."""
+    """Mixed precision through Accelerate (bf16: autocast over fp32 weights); evaluation runs at the same precision."""
     activation_checkpointing: bool = False
     """Recompute activations in backward instead of storing them (every backend's Hugging Face parts): less memory
     for a little more compute per step."""
@@ -255,6 +255,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool):  # YAML reads a bare no / off as False (train.precision=no)
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((c for c in choices if isinstance(c, str) and c in words), value)
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value

@@ -41,6 +41,11 @@ def score_task(ctx: Context, task: Task, split: str = "test") -> TaskResult:
     """One task's score on a split: generated answers and the task's scorer, or, for language tasks, the
     log-likelihood of options or text (`mmcl.eval.language`), or lm-evaluation-harness (`lm_eval:` entries). Every
     process computes the log-likelihood scores in full, so all processes agree without a gather."""
+    with ctx.accelerator.autocast():  # evaluate at the run's precision (train.precision), as it trains
+        return _score_task(ctx, task, split)
+
+
+def _score_task(ctx: Context, task: Task, split: str) -> TaskResult:
     from mmcl.eval.language import evaluate_language_task, is_language_task
 
     if task.lm_eval_task is not None:

@@ -16,16 +16,21 @@ variance of their mean): three seeds are a minimum, more seeds the remedy.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from mmcl.eval.metrics import language_kind
 
 __all__ = ["METRIC_KEYS", "Draws", "RunSet", "batch_metrics", "draw", "final_score_samples", "interval",
            "metric_samples", "resampled_matrices"]
 
 METRIC_KEYS = ("final_average_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer",
-               "forward_transfer", "plasticity", "retention_drop", "linguistic_forgetting")
-"""The metrics of `mmcl.eval.metrics` that `batch_metrics` computes (retention_drop: the mean over tasks)."""
+               "forward_transfer", "plasticity", "retention_drop", "linguistic_forgetting", "nlu_change",
+               "nlg_change")
+"""The metrics of `mmcl.eval.metrics` that `batch_metrics` computes (retention_drop: the mean over tasks;
+nlu_change / nlg_change: P1's language change over the NLU / NLG retention columns, `language_change`)."""
 
 _HM_FLOOR = 1e-3  # as mmcl.eval.metrics: zero scores count as 0.001 in P1's harmonic mean
 
@@ -91,10 +96,11 @@ def resampled_matrices(runs: RunSet, draws: Draws) -> tuple[np.ndarray, np.ndarr
     return stack(runs.tasks), stack(runs.retention)
 
 
-def batch_metrics(A: np.ndarray, R: np.ndarray) -> dict[str, np.ndarray]:
+def batch_metrics(A: np.ndarray, R: np.ndarray, retention: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """The metrics of `mmcl.eval.metrics` for a batch of complete accuracy matrices A (..., T+1, T) and retention
-    scores R (..., T+1, K), as arrays of the batch shape; NaN where the metric is undefined (fewer than two tasks
-    for forgetting, BWT and FWT; no retention tasks for the retention metrics)."""
+    scores R (..., T+1, K) whose columns are named `retention`, as arrays of the batch shape; NaN where the metric
+    is undefined (fewer than two tasks for forgetting, BWT and FWT; no retention tasks for the retention metrics; no
+    NLU or NLG column for that language change)."""
     J, T = A.shape[-2:]
     if J != T + 1:
         raise ValueError(f"batch_metrics needs complete matrices (T + 1 rows for T tasks), got {J} rows, {T} tasks")
@@ -122,6 +128,10 @@ def batch_metrics(A: np.ndarray, R: np.ndarray) -> dict[str, np.ndarray]:
         out["linguistic_forgetting"] = _harmonic_mean(R[..., 0, :]) - _harmonic_mean(R[..., T, :])
     else:
         out["retention_drop"] = out["linguistic_forgetting"] = nan
+    kinds = [language_kind(name) for name in retention]
+    for kind in ("nlu", "nlg"):
+        cols = [k for k, v in enumerate(kinds) if v == kind]
+        out[f"{kind}_change"] = (_harmonic_mean(R[..., 0, cols]) - _harmonic_mean(R[..., T, cols])) if cols else nan
     return {k: out[k] for k in METRIC_KEYS}
 
 
@@ -132,7 +142,7 @@ def _harmonic_mean(scores: np.ndarray) -> np.ndarray:
 
 def metric_samples(orders: list[RunSet], draws: Draws) -> dict[str, np.ndarray]:
     """Every metric per resample (B,): the mean over slots (seeds) and task orders of each run's metric."""
-    per_order = [batch_metrics(*resampled_matrices(runs, draws)) for runs in orders]
+    per_order = [batch_metrics(*resampled_matrices(runs, draws), runs.retention) for runs in orders]
     return {k: np.mean([m[k] for m in per_order], axis=0).mean(-1) for k in METRIC_KEYS}
 
 

@@ -114,7 +114,10 @@ METRIC_ROWS: list[tuple[str, str, str]] = [
 
 
 def metric_value(metrics: Mapping[str, Any], key: str) -> Any:
-    """The scalar behind ``key``; ``retention_drop`` is stored as {"per_task", "mean"}."""
+    """The scalar behind ``key``; ``retention_drop`` is stored as {"per_task", "mean"}, ``nlu_change`` and
+    ``nlg_change`` inside ``language_change`` (metrics.json) or on their own (`mmcl compare`)."""
+    if key in ("nlu_change", "nlg_change") and key not in metrics:
+        return (metrics.get("language_change") or {}).get(key[:3])
     value = metrics.get(key)
     if isinstance(value, Mapping):
         return value.get("mean")
@@ -151,20 +154,25 @@ COMPARE_METRICS: list[tuple[str, str, bool]] = [
     ("plasticity", "plasticity ↑", True),
     ("retention_drop", "retention drop ↓", False),
     ("linguistic_forgetting", "ling. forgetting ↓", False),
+    ("nlu_change", "NLU Δ ↓", False),
+    ("nlg_change", "NLG Δ ↓", False),
 ]
 
 
 def _comparison(runs: Mapping[str, Mapping[str, Any]], mark: Callable[[str], str]) -> Table:
     """One row per run label; ``mark`` decorates the best value of each column (only with 2+ runs)."""
     labels = list(runs)
-    columns = []
-    for key, _, higher in COMPARE_METRICS:
+    columns, headers = [], []
+    for key, header, higher in COMPARE_METRICS:
         values = [metric_value(runs[label], key) for label in labels]
+        if key.endswith("_change") and all(v is None for v in values):
+            continue  # a language change only where a run has language columns
+        headers.append(header)
         present = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
         best = (max(present) if higher else min(present)) if len(present) >= 2 else None
         columns.append([mark(fmt(v)) if best is not None and v == best else fmt(v) for v in values])
     rows = [[label, *(col[r] for col in columns)] for r, label in enumerate(labels)]
-    return Table(["run", *(header for _, header, _ in COMPARE_METRICS)], rows)
+    return Table(["run", *headers], rows)
 
 
 def comparison_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
