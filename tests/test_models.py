@@ -444,3 +444,24 @@ def test_load_model_unsupported_model_type(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError,
                        match=r"config\.json: model_type 'bert' is not supported; supported: mmcl(, |$)"):
         load_backend(tmp_path / "bert")
+
+
+def test_write_dir_replaces_only_after_a_complete_build(tmp_path):
+    """A model directory is built beside its destination and renamed into place: a build that fails leaves the
+    old directory as it was and no partial directory behind; a build that completes replaces it."""
+    from mmcl.models.builder import write_dir
+
+    dest = tmp_path / "model"
+    write_dir(dest, lambda d: (d / "weights.safetensors").write_text("old"))
+    assert (dest / "weights.safetensors").read_text() == "old"
+
+    def broken(d):
+        (d / "weights.safetensors").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_dir(dest, broken)
+    assert (dest / "weights.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    write_dir(dest, lambda d: (d / "other.json").write_text("{}"))
+    assert sorted(p.name for p in dest.iterdir()) == ["other.json"]

@@ -15,8 +15,6 @@ The model's scores on the language skills are saved with it, so a user can see i
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import chain
@@ -25,15 +23,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from mmcl.base_tuning import clean_records, save_base, tune_base
 from mmcl.config import TrainConfig
 from mmcl.data.batching import Collator, MediaLoader, encode_records
-from mmcl.data.records import DataError, format_problems, load_task, read_records
+from mmcl.data.records import load_task
 from mmcl.engine.train import fit
 from mmcl.eval.generate import evaluate_task
-from mmcl.models.builder import save_model
 from mmcl.models.composition import composition_processor
 from mmcl.models.tiny import TinySizes, build_tiny
 from mmcl.models.tokenizer import ASSISTANT, USER, train_bpe_tokenizer
+
+_DATA = "pre-training data"
 
 
 @dataclass
@@ -49,13 +49,6 @@ class PretrainConfig:
     language: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_ratio=0.05))
     align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup_ratio=0.05))
     eval_batch_size: int = 128
-
-
-def _records(task, split):
-    good, bad = read_records(task, split)
-    if bad:
-        raise DataError(f"{task.manifest}: bad records in the pre-training data:\n{format_problems(bad)}")
-    return good
 
 
 def pretrain_vision(model, records, media, steps: int, *, seed: int, batch_size: int = 32, lr: float = 2e-3,
@@ -90,55 +83,20 @@ def pretrain_vision(model, records, media, steps: int, *, seed: int, batch_size:
     return float(loss.detach())
 
 
-def save_base(model, tokenizer, out: Path, info: dict) -> None:
-    """An mmcl model directory with `info` in pretrain.json, written to a temporary directory and renamed, so a
-    crash never leaves a half-written base model."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_model(model.cpu(), tokenizer, tmp, extra={"pretrain": info})
-        (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def instruction_tune(base: Path, world: Path, out: Path, tasks: list[str], cfg: TrainConfig | None = None, *,
                      seed: int = 0, progress: bool = True, log=print) -> Path:
     """P3's multi-task instruction-tuned base (InstructBLIP vs BLIP-2): `base` trained jointly on the world tasks
     `tasks` (which must not be the stream's), with the language skills mixed in as in alignment, saved to `out`."""
-    from mmcl.models.builder import load_model
-
     cfg = cfg or TrainConfig(epochs=2, batch_size=32, lr=5e-4, warmup_ratio=0.05)
-    world, out = Path(world), Path(out)
+    world = Path(world)
     index = json.loads((world / "world.json").read_text())
-    model, tokenizer = load_model(base)
-    processor = composition_processor(model, tokenizer)
-    media = MediaLoader(processor)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model.to(accelerator.device)
     chosen = [load_task(world / "tasks" / t) for t in tasks]
-    text_tasks = [load_task(world / p) for p in index["pretrain"]["text"]]
-    examples = [e for t in chosen + text_tasks for e in encode_records(_records(t, "train"), processor, t.name)]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for part in ("projectors", "language_model"):
-        for p in model.part_parameters(part):
-            p.requires_grad_(True)
-    log(f"instruction tuning on {', '.join(tasks)} (+ language skills): {len(examples)} records")
-    r = fit(model, examples, Collator(processor, media), cfg, accelerator, seed=seed, label="instruct",
-            progress=progress)
-    left = Collator(processor, media, left_pad=True)
-    scores = {t.name: round(evaluate_task(model, processor, left, t, _records(t, "test"), batch_size=128,
-                                          device=accelerator.device).score, 2) for t in chosen + text_tasks}
-    info = {"base": str(Path(base).resolve()), "instruct_tasks": tasks, "config": asdict(cfg), "scores": scores,
-            "steps": r.steps, "final_loss": r.losses[-1]}
-    save_base(model, tokenizer, out, info)
-    log("instruction-tuned base scores: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()))
-    return out
+    trained = chosen + [load_task(world / p) for p in index["pretrain"]["text"]]
+    info = tune_base(base, trained, trained, out, cfg, parts=["projectors", "language_model"],
+                     info={"instruct_tasks": tasks}, what="instruction-tuning data", label="instruct", seed=seed,
+                     eval_batch_size=128, progress=progress, log=log)
+    log("instruction-tuned base scores: " + ", ".join(f"{k} {v:.1f}" for k, v in info["scores"].items()))
+    return Path(out)
 
 
 def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progress: bool = True, log=print) -> Path:
@@ -161,7 +119,7 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     align_tasks = [load_task(world / p) for p in index["pretrain"]["align"]]
 
     if cfg.vision_steps and "image" in model.encoders:
-        captioned = [r for t in align_tasks for r in _records(t, "train") if "image" in r.media]
+        captioned = [r for t in align_tasks for r in clean_records(t, "train", _DATA) if "image" in r.media]
         log(f"pretrain 0/2: vision tower on the words of {len(captioned)} image captions")
         pretrain_vision(model, captioned, media, cfg.vision_steps, seed=cfg.seed, lr=cfg.vision_lr,
                         progress=progress)
@@ -171,7 +129,7 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
         p.requires_grad_(False)
     for p in model.language_model.parameters():
         p.requires_grad_(True)
-    text = [e for t in text_tasks for e in encode_records(_records(t, "train"), processor, t.name)]
+    text = [e for t in text_tasks for e in encode_records(clean_records(t, "train", _DATA), processor, t.name)]
     log(f"pretrain 1/2: language skills on {len(text)} records ({', '.join(t.name for t in text_tasks)})")
     r1 = fit(model, text, collate, cfg.language, accelerator, seed=cfg.seed, label="language", progress=progress)
 
@@ -182,14 +140,14 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     if cfg.vision_steps and "image" in model.encoders:
         for p in model.encoders["image"].parameters():
             p.requires_grad_(False)
-    align = [e for t in align_tasks for e in encode_records(_records(t, "train"), processor, t.name)] + text
+    align = [e for t in align_tasks for e in encode_records(clean_records(t, "train", _DATA), processor, t.name)] + text
     log(f"pretrain 2/2: vision-language alignment on {len(align) - len(text)} captions (+ language skills)")
     r2 = fit(model, align, collate, cfg.align, accelerator, seed=cfg.seed + 1, label="align", progress=progress)
 
     scores = {}
     left = Collator(processor, media, left_pad=True)
     for t in text_tasks + align_tasks:
-        res = evaluate_task(model, processor, left, t, _records(t, "test"), batch_size=cfg.eval_batch_size,
+        res = evaluate_task(model, processor, left, t, clean_records(t, "test", _DATA), batch_size=cfg.eval_batch_size,
                             device=accelerator.device)
         scores[t.name] = round(res.score, 2)
     info = {

@@ -11,6 +11,9 @@ Loading is safetensors-only unless the caller opts in to pickles, and never runs
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +36,25 @@ FORMAT = "mmcl-mllm"
 
 
 # -- save / load ------------------------------------------------------------------------------------------------------
+
+
+def write_dir(dest: Path, build: Callable[[Path], None]) -> Path:
+    """The one way mmcl writes a model directory: run `build` on an empty directory beside `dest`, then rename it
+    to `dest` (replacing an older one); on any failure the partial directory is removed and `dest` is left as it
+    was, so an interruption never leaves a half-written model where a run would load it."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.mkdir()
+        build(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def save_model(model: MultimodalLM, tokenizer: PreTrainedTokenizerFast, path: Path, extra: dict | None = None) -> None:

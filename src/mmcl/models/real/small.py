@@ -11,12 +11,12 @@ interrupted prepare leaves nothing half-written; a part already converted and ch
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from mmcl.models.builder import write_dir
 from mmcl.models.real import convert, verify, wheels
 
 PARTS = ("smollm2", "dinov2", "whisper")
@@ -60,18 +60,6 @@ def small_dir(home: Path) -> Path:
     return home / "models" / "small"
 
 
-def _into_place(build, dest: Path) -> Path:
-    """Build a directory beside `dest` and rename it into place (nothing half-written survives an interruption)."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    build(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
-
-
 def _checked(dest: Path, wheel: wheels.Wheel) -> bool:
     mark = dest / "mmcl_check.json"
     return mark.is_file() and json.loads(mark.read_text()).get("wheel") == wheel.pin
@@ -100,7 +88,7 @@ def convert_part(part: str, home: Path, log=print) -> Path:
         log(f"  {part} check: {result}")
         (tmp / "mmcl_check.json").write_text(json.dumps({"wheel": wheel.pin, "check": result}, indent=2) + "\n")
 
-    return _into_place(build, dest)
+    return write_dir(dest, build)
 
 
 def whisper_encoder(whisper: Path, seconds: int, home: Path) -> Path:
@@ -122,7 +110,7 @@ def whisper_encoder(whisper: Path, seconds: int, home: Path) -> Path:
         encoder.config.max_source_positions = positions
         encoder.save_pretrained(tmp)
 
-    return _into_place(build, dest)
+    return write_dir(dest, build)
 
 
 def prepare_small(home: Path, sizes: SmallSizes | None = None, *, install: bool = True, seed: int = 0,
@@ -148,5 +136,5 @@ def prepare_small(home: Path, sizes: SmallSizes | None = None, *, install: bool 
                                       sizes.modalities(), seed=seed, chat_template=True)
     log(f"assembling the small model into {dest}")
     checks = {p: json.loads((d / "mmcl_check.json").read_text()) for p, d in parts.items()}
-    return _into_place(lambda tmp: save_model(model, tokenizer, tmp, extra={"small": asdict(sizes), "checks": checks}),
-                       dest)
+    return write_dir(dest, lambda tmp: save_model(model, tokenizer, tmp, extra={"small": asdict(sizes),
+                                                                               "checks": checks}))
