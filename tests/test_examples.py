@@ -24,6 +24,7 @@ def test_digits_example_writes_a_valid_llava_stream_with_disjoint_splits(tmp_pat
     pytest.importorskip("sklearn", reason="the digits example reads scikit-learn's bundled digits (.[test])")
     stream = _load("digits").write(tmp_path / "digits")
     assert main(["data", "validate", str(stream)]) == 0
+    assert main(["data", "validate", str(stream.with_name("stream-0-4.yaml"))]) == 0
     seen: dict[str, set[str]] = {}
     for task in ("digits_0_4", "digits_5_9"):
         for split in ("train", "test"):
