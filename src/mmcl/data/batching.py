@@ -34,7 +34,10 @@ class MediaLoader:
             return hit
         if modality not in self.processor.modalities:
             raise ValueError(f"the model reads {sorted(self.processor.modalities)}, not {modality!r}; needed for {path}")
-        value = self.processor.load_media(modality, Path(path))
+        # decoding is data preparation, never mixed precision: a run's autocast (bf16 scoring) must not reach a
+        # processor's own tensor maths (Whisper's log-mel ends in .numpy(), which has no bf16)
+        with torch.autocast("cpu", enabled=False):
+            value = self.processor.load_media(modality, Path(path))
         if self.capacity:
             self._cache[key] = value
             if len(self._cache) > self.capacity:
