@@ -267,7 +267,7 @@ def test_runs_that_cannot_be_paired_are_refused_naming_the_file(tmp_path):
     matrix = json.loads((seq / "matrix.json").read_text())
     matrix["rows"][1]["scores"]["t1"] = 12.5  # the per-record scores no longer give the matrix's score
     (seq / "matrix.json").write_text(json.dumps(matrix))
-    with pytest.raises(CompareError, match=r"row-01/t1.jsonl averages 75.0000, but matrix.json says 12.5"):
+    with pytest.raises(CompareError, match=r"row-01/t1.jsonl gives 75.0000, but matrix.json says 12.5"):
         summarise({"sequential": [[seq]]}, [0], baseline="sequential", resamples=10)
     (seq / "predictions" / "row-02" / "t2.jsonl").unlink()
     with pytest.raises(CompareError, match=r"row-02/t2.jsonl: per-record scores missing"):
@@ -318,3 +318,39 @@ def test_a_tie_up_to_float_rounding_is_not_significant():
     rounding = np.full(1000, -1.4e-15)  # two methods with the same scores, a metric recomputed in another order
     assert _difference(-1.4e-15, rounding)["significant"] is False
     assert _difference(0.5, np.full(1000, 0.5))["significant"] is True
+
+
+# ------------------------------------------------------------------- corpus-level scores (the NLG probe)
+
+
+def test_ratio_scores_are_the_corpus_statistic_not_the_mean_of_records():
+    """Two records of 10 bytes with 10 and 30 nats: the NLG score is 100 * exp(-40 / 20) = 13.53, not the mean of
+    the per-record scores (100 e^-1 + 100 e^-3) / 2 = 20.88; a resample holding record 0 twice scores 100 e^-1."""
+    X = bs.Ratio(np.array([[[10.0, 30.0]]]), np.array([[[10.0, 10.0]]]), bs.per_byte_score)
+    assert bs.task_values(X)[0, 0] == pytest.approx(100 * np.exp(-2.0))
+    draws = bs.Draws(np.zeros((2, 1), dtype=int), {"nlg": np.array([[[1.0, 0.0]], [[0.5, 0.5]]])})
+    rows = bs._task_rows(X, draws.weights["nlg"], draws.seeds)
+    assert rows[:, 0, 0] == pytest.approx([100 * np.exp(-1.0), 100 * np.exp(-2.0)])
+
+
+def test_summary_reads_the_nlg_probe_as_a_ratio_and_checks_it_against_the_matrix(tmp_path):
+    """Predictions that carry `loglik` and `bytes` (the NLG probe) reproduce a matrix score of 100 exp(-NLL/bytes)
+    over all records: the summary accepts the run and its final score is that corpus value."""
+    run = write_run(tmp_path / "sequential" / "seed-0", {"t1": np.array([[0.0, 0.0], [100.0, 0.0]]),
+                                                         "probe-nlg": np.zeros((2, 2))}, ["t1"], ["probe-nlg"])
+    nll = {0: [10.0, 30.0], 1: [20.0, 40.0]}  # row -> per-record nats, 10 bytes each
+    matrix = json.loads((run / "matrix.json").read_text())
+    for j, values in nll.items():
+        lines = [json.dumps({"id": f"probe-nlg-{k}", "prompt": "q", "prediction": "nll/byte", "references": ["a"],
+                             "score": 100 * np.exp(-v / 10), "loglik": -v, "bytes": 10}) for k, v in enumerate(values)]
+        (run / "predictions" / f"row-{j:02d}" / "probe-nlg.jsonl").write_text("\n".join(lines) + "\n")
+        matrix["rows"][j]["scores"]["probe-nlg"] = round(100 * np.exp(-sum(values) / 20), 4)
+    (run / "matrix.json").write_text(json.dumps(matrix))
+    s = summarise({"sequential": [[run]]}, [0], baseline="sequential", resamples=200)
+    final = s["methods"]["sequential"]["final_per_task"]["probe-nlg"]["mean"]
+    assert final == pytest.approx(100 * np.exp(-3.0))  # (20 + 40) / 20 nats per byte
+    assert s["methods"]["sequential"]["nlg_change"]["mean"] == pytest.approx(100 * np.exp(-2.0) - 100 * np.exp(-3.0))
+    matrix["rows"][1]["scores"]["probe-nlg"] = round(100 * np.exp(-3.0) / 2 + 100 * np.exp(-4.0) / 2, 4)  # a mean
+    (run / "matrix.json").write_text(json.dumps(matrix))
+    with pytest.raises(CompareError, match=r"row-01/probe-nlg.jsonl gives 4.9787, but matrix.json says"):
+        summarise({"sequential": [[run]]}, [0], baseline="sequential", resamples=50)

@@ -158,7 +158,9 @@ class _Records:
     def __init__(self) -> None:
         self.ids: dict[str, tuple[list[str], dict[str, int], Path]] = {}
 
-    def scores(self, path: Path, task: str) -> np.ndarray:
+    def scores(self, path: Path, task: str) -> bs.Scores:
+        """A predictions file's per-record scores in the task's fixed record order; records that carry `loglik` and
+        `bytes` (the NLG probe) give a `bs.Ratio`, since that score is 100 * exp(-total NLL / total bytes)."""
         if not path.is_file():
             raise CompareError(f"{path}: per-record scores missing (the bootstrap reads predictions/row-NN/TASK.jsonl "
                                "of every row); re-run this run or remove its directory so compare runs it again")
@@ -174,13 +176,27 @@ class _Records:
             raise CompareError(f"{path}: its {len(ids)} test records differ from the {len(order)} of {first} (e.g. "
                                f"{', '.join(missing)}); compared runs must be scored on the same records (same "
                                "data.test_limit and stream)")
-        out = np.empty(len(ids))
-        out[[pos[i] for i in ids]] = [float(p["score"]) for p in lines]
-        return out
+        where = [pos[i] for i in ids]
+
+        def column(key: str, sign: float = 1.0) -> np.ndarray:
+            out = np.empty(len(ids))
+            out[where] = [sign * float(p[key]) for p in lines]
+            return out
+
+        if lines and all("loglik" in p and "bytes" in p for p in lines):
+            return bs.Ratio(column("loglik", -1.0), column("bytes"), bs.per_byte_score)
+        return column("score")
 
     @property
     def counts(self) -> dict[str, int]:
         return {t: len(v[0]) for t, v in self.ids.items()}
+
+
+def _stack(items: list[bs.Scores]) -> bs.Scores:
+    """np.stack for per-record scores, part by part for `bs.Ratio`s."""
+    if isinstance(items[0], bs.Ratio):
+        return bs.Ratio(np.stack([x.num for x in items]), np.stack([x.den for x in items]), items[0].f)
+    return np.stack(items)
 
 
 def _runset(run_dirs: list[Path], records: _Records) -> bs.RunSet:
@@ -190,15 +206,16 @@ def _runset(run_dirs: list[Path], records: _Records) -> bs.RunSet:
     for d, m in zip(run_dirs, metas):
         if m["tasks"] != tasks or m.get("retention", []) != retention:
             raise CompareError(f"{d / 'matrix.json'}: tasks {m['tasks']} differ from {run_dirs[0]}'s {tasks}")
-    scores = {t: np.stack([np.stack([records.scores(d / "predictions" / f"row-{j:02d}" / f"{t}.jsonl", t)
-                                     for j in range(len(tasks) + 1)]) for d in run_dirs])
+    scores = {t: _stack([_stack([records.scores(d / "predictions" / f"row-{j:02d}" / f"{t}.jsonl", t)
+                                 for j in range(len(tasks) + 1)]) for d in run_dirs])
               for t in [*tasks, *retention]}
     for t, X in scores.items():  # the records must reproduce the matrix
         stored = np.array([[row["scores"][t] for row in m["rows"]] for m in metas])
-        bad = np.argwhere(np.abs(X.mean(-1) - stored) > 1e-3)
+        values = bs.task_values(X)
+        bad = np.argwhere(np.abs(values - stored) > 1e-3)
         if bad.size:
             k, j = bad[0]
-            raise CompareError(f"{run_dirs[k]}: predictions/row-{j:02d}/{t}.jsonl averages {X[k, j].mean():.4f}, "
+            raise CompareError(f"{run_dirs[k]}: predictions/row-{j:02d}/{t}.jsonl gives {values[k, j]:.4f}, "
                                f"but matrix.json says {stored[k, j]}; the run directory is inconsistent")
     return bs.RunSet(tasks, retention, scores)
 
@@ -228,15 +245,15 @@ def _difference(point: float | None, samples: np.ndarray) -> dict:
 
 def _run_metrics(orders: list[bs.RunSet]) -> dict[str, np.ndarray]:
     """Every metric of every run (orders x seeds, flattened), from the mean of its per-record scores."""
-    per_order = [bs.batch_metrics(np.stack([o.scores[t].mean(-1) for t in o.tasks], -1),
-                                  np.stack([o.scores[t].mean(-1) for t in o.retention], -1) if o.retention
+    per_order = [bs.batch_metrics(np.stack([bs.task_values(o.scores[t]) for t in o.tasks], -1),
+                                  np.stack([bs.task_values(o.scores[t]) for t in o.retention], -1) if o.retention
                                   else np.zeros((*o.scores[o.tasks[0]].shape[:2], 0)), o.retention) for o in orders]
     return {k: np.concatenate([m[k] for m in per_order]) for k in bs.METRIC_KEYS}
 
 
 def _run_finals(orders: list[bs.RunSet]) -> dict[str, np.ndarray]:
     """Each task's final score in every run (orders x seeds, flattened)."""
-    return {t: np.concatenate([o.scores[t][:, -1, :].mean(-1) for o in orders]) for t in orders[0].scores}
+    return {t: np.concatenate([bs.task_values(o.scores[t])[:, -1] for o in orders]) for t in orders[0].scores}
 
 
 def _mean(values: np.ndarray) -> float | None:
@@ -260,7 +277,7 @@ def summarise(
     sets = {label: [_runset(o, records) for o in per_order] for label, per_order in runs.items()}
     single_set = None
     if single:
-        single_set = bs.RunSet(list(single), [], {t: np.stack([np.stack([
+        single_set = bs.RunSet(list(single), [], {t: _stack([_stack([
             records.scores(d / "predictions" / f"row-{j:02d}" / f"{t}.jsonl", t) for j in (0, 1)]) for d in dirs])
             for t, dirs in single.items()})
     draws = bs.draw(len(seeds), records.counts, resamples, bootstrap_seed)

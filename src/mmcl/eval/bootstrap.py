@@ -16,15 +16,15 @@ variance of their mean): three seeds are a minimum, more seeds the remedy.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from mmcl.eval.metrics import language_kind
 
-__all__ = ["METRIC_KEYS", "Draws", "RunSet", "batch_metrics", "draw", "final_score_samples", "interval",
-           "metric_samples", "resampled_matrices"]
+__all__ = ["METRIC_KEYS", "Draws", "Ratio", "RunSet", "Scores", "batch_metrics", "draw", "final_score_samples",
+           "interval", "metric_samples", "per_byte_score", "resampled_matrices", "task_values"]
 
 METRIC_KEYS = ("final_average_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer",
                "forward_transfer", "plasticity", "retention_drop", "linguistic_forgetting", "nlu_change",
@@ -64,6 +64,37 @@ def draw(num_seeds: int, records: dict[str, int], resamples: int, seed: int = 0)
 
 
 @dataclass(frozen=True)
+class Ratio:
+    """Per-record parts of a task whose score is not the mean of per-record scores but a corpus statistic
+    ``f(sum(num) / sum(den))`` over its records: the NLG probe's 100 * exp(-total NLL / total bytes)
+    (`mmcl.eval.language`, `PER_BYTE`). Arrays share one shape, records last. A resample weights num and den alike."""
+
+    num: np.ndarray
+    den: np.ndarray
+    f: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.num.shape
+
+
+def per_byte_score(nll_per_byte: np.ndarray) -> np.ndarray:
+    """The NLG probe's score from nats per byte: 100 / per-byte perplexity."""
+    return 100.0 * np.exp(-nll_per_byte)
+
+
+Scores = np.ndarray | Ratio
+"""One task's per-record scores (their mean is the task's score) or a `Ratio`."""
+
+
+def task_values(X: Scores) -> np.ndarray:
+    """The task's score over all its records, per leading index (e.g. (seeds, rows))."""
+    if isinstance(X, Ratio):
+        return X.f(X.num.sum(-1) / X.den.sum(-1))
+    return X.mean(-1)
+
+
+@dataclass(frozen=True)
 class RunSet:
     """The per-record scores of one method's runs that share a task order, one run per seed (seeds in the order
     the draws index them). `scores[task]` is (seeds, rows, records): row j = evaluation after j tasks (row 0 before
@@ -71,16 +102,23 @@ class RunSet:
 
     tasks: list[str]  # train tasks in training order
     retention: list[str]
-    scores: dict[str, np.ndarray]
+    scores: dict[str, Scores]
 
 
-def _task_rows(X: np.ndarray, weights: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    """(B, S, rows): the resampled score of one task at every row, for the seed drawn into each slot."""
+def _weighted(X: np.ndarray, weights: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """(B, S, rows): the weighted mean of per-record values at every row, for the seed drawn into each slot."""
     S, J, n = X.shape
     B, K = seeds.shape
-    # every slot's record weights against every seed's scores: (B*K, n) @ (n, S*J) -> (B, K, S, J)
+    # every slot's record weights against every seed's values: (B*K, n) @ (n, S*J) -> (B, K, S, J)
     Y = (weights.reshape(B * K, n) @ X.transpose(2, 0, 1).reshape(n, S * J)).reshape(B, K, S, J)
     return np.take_along_axis(Y, seeds[:, :, None, None], axis=2)[:, :, 0, :]
+
+
+def _task_rows(X: Scores, weights: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """(B, S, rows): the resampled score of one task at every row, for the seed drawn into each slot."""
+    if isinstance(X, Ratio):
+        return X.f(_weighted(X.num, weights, seeds) / _weighted(X.den, weights, seeds))
+    return _weighted(X, weights, seeds)
 
 
 def resampled_matrices(runs: RunSet, draws: Draws) -> tuple[np.ndarray, np.ndarray]:
