@@ -80,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "comparison.md / comparison.json and an accuracy-vs-forgetting plot. Completed runs are skipped on "
                 "a re-run (so re-running with the same --methods/--seeds/--out only re-summarises).",
                 "Every metric (final average accuracy, average incremental accuracy, forgetting, backward and "
-                "forward transfer, plasticity, retention drop, linguistic forgetting) and each task's final score "
+                "forward transfer, plasticity, retention drop, linguistic forgetting, and with language retention "
+                "columns P1's NLU and NLG change) and each task's final score "
                 "is shown as the mean over seeds (and task orders) with a 95 % bootstrap interval over seeds AND "
                 "test records: each resample draws the seeds with replacement and, within each drawn seed, every "
                 "task's test records with replacement, and recomputes the metric from the per-record scores in "
-                "each run's predictions/ (percentile interval; a fixed bootstrap seed, so the output is "
+                "each run's predictions/ (a corpus score such as the NLG probe's 100 exp(-NLL/bytes) from its "
+                "resampled NLL and bytes; percentile interval; a fixed bootstrap seed, so the output is "
                 "reproducible; with one seed the interval is over test records only).",
                 "Each method's difference from the baseline (--baseline, default sequential) is a paired "
                 "bootstrap: both methods use the same resampled seeds and records (records matched by id); a "
