@@ -67,7 +67,7 @@ def draw(num_seeds: int, records: dict[str, int], resamples: int, seed: int = 0)
 class Ratio:
     """Per-record parts of a task whose score is not the mean of per-record scores but a corpus statistic
     ``f(sum(num) / sum(den))`` over its records: the NLG probe's 100 * exp(-total NLL / total bytes)
-    (`mmcl.eval.language`, `PER_BYTE`). Arrays share one shape, records last. A resample weights num and den alike."""
+    (`mmcl.eval.language`). Arrays share one shape, records last; a resample weights num and den alike."""
 
     num: np.ndarray
     den: np.ndarray
