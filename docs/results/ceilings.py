@@ -55,12 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated run seeds (default 0)")
     ap.add_argument("--tasks", default="", help="comma-separated task names (default: every stream task)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/ceilings.json"))
+    ap.add_argument("--world", default="", help="a world directory (default: the built-in one under $MMCL_HOME)")
+    ap.add_argument("--model", default="", help="a base model directory (default: the built-in tiny one)")
     ap.add_argument("--keep", default="", help="keep the run directories under this folder (default: discarded)")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides, e.g. train.epochs=4")
     args = ap.parse_args(argv)
     from mmcl.builtin import builtin_model, builtin_world
 
-    world, base = builtin_world(progress=False), builtin_model(progress=False)
+    world = Path(args.world) if args.world else builtin_world(progress=False)
+    base = Path(args.model) if args.model else builtin_model(progress=False)
+    if args.model:
+        args.overrides = [f"model.path={base}", *args.overrides]
     tasks = stream_tasks(world)
     chosen = [t for t in args.tasks.split(",") if t] or list(tasks)
     unknown = [t for t in chosen if t not in tasks]

@@ -32,26 +32,30 @@ def builtin_world(*, progress: bool = True, log=print) -> Path:
 
 
 def builtin_model(*, progress: bool = True, log=print) -> Path:
-    """The tiny base model directory, pre-trained on the built-in world if it is not cached yet (~5 min on a CPU);
-    one pre-trained on an older world version is replaced."""
-    from mmcl.data.synth.world import DATA_VERSION
+    """The tiny base model directory, pre-trained on the built-in world if it is not cached yet (~6 min on a CPU);
+    one pre-trained on an older world version or by an older recipe is replaced."""
     from mmcl.models.tiny import TINY_MODALITIES
     from mmcl.pretrain import pretrain
 
     path = mmcl_home() / "models" / "tiny"
     index, info = path / "mmcl_model.json", path / "pretrain.json"
     stale = index.exists() and (set(json.loads(index.read_text())["modalities"]) != set(TINY_MODALITIES)
-                                or not info.exists() or _data_version(json.loads(info.read_text())) != DATA_VERSION)
+                                or not info.exists() or not is_current_base(json.loads(info.read_text())))
     if not index.exists() or stale:
         why = ": the cached one is from an older mmcl (another world or model)" if stale else ""
-        log(f"pre-training the tiny base model into {path} (once, about five minutes on a CPU){why}")
+        log(f"pre-training the tiny base model into {path} (once, about six minutes on a CPU){why}")
         pretrain(builtin_world(progress=progress, log=log), path, progress=progress, log=log)
     return path
 
 
-def _data_version(info: dict):
-    """The world data a base model was pre-trained on (older pretrain.json files name only the world version)."""
-    return info.get("world_data_version", info.get("world_version"))
+def is_current_base(info: dict) -> bool:
+    """Whether a base model's pretrain.json says it was pre-trained on this mmcl's world data by this mmcl's recipe
+    (older files name only the world version, and no recipe: recipe 1)."""
+    from mmcl.data.synth.world import DATA_VERSION
+    from mmcl.pretrain import BASE_RECIPE
+
+    return (info.get("world_data_version", info.get("world_version")) == DATA_VERSION
+            and info.get("base_recipe", 1) == BASE_RECIPE)
 
 
 def small_model() -> Path:

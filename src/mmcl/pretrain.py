@@ -3,8 +3,11 @@
 Three stages. (0) The tiny vision tower has no pretrained weights to borrow (a real LLaVA starts from CLIP), so it
 first learns to predict the words of each alignment caption from its pooled features (a multi-label bag of words,
 as in Joulin et al. 2016, "Learning Visual Features from Large Weakly Supervised Data"); the linear head is then
-discarded. Then, as in the LLaVA recipe seen as continual learning (P1): (1) the language model learns the world's
-language skills (text only); (2) vision-language alignment on image captions (LLaVA stage 1). Unlike a real LLM,
+discarded. On the built-in world stage 0 draws new alignment images from the world's own generator at every step,
+as CLIP sees each of its web images about once (on the world's 4,800 files the tower memorises them and tells
+held-out shapes apart 73 % of the time; on new draws 91 %, docs/world.md); a draw whose pixels equal a test image of
+the world is skipped. Then, as in the LLaVA recipe seen as continual learning (P1): (1) the language model learns the
+world's language skills (text only); (2) vision-language alignment on image captions (LLaVA stage 1). Unlike a real LLM,
 the tiny language model has never seen caption language, so stage 2 trains the projector and the language model
 together (the image tower stays frozen after stage 0, as CLIP is in LLaVA; the audio tower trains), with
 the language-skill records mixed in so the skills are kept. The alignment captions name colours, classes, places,
@@ -14,8 +17,11 @@ The model's scores on the language skills are saved with it, so a user can see i
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -27,6 +33,7 @@ from mmcl.base_tuning import clean_records, save_base, tune_base
 from mmcl.config import TrainConfig
 from mmcl.data.batching import Collator, MediaLoader, encode_records
 from mmcl.data.records import load_task
+from mmcl.data.synth.world import FORMAT
 from mmcl.engine.train import fit
 from mmcl.eval.generate import evaluate_task
 from mmcl.models.composition import composition_processor
@@ -34,6 +41,11 @@ from mmcl.models.tiny import TinySizes, build_tiny
 from mmcl.models.tokenizer import ASSISTANT, USER, train_bpe_tokenizer
 
 _DATA = "pre-training data"
+BASE_RECIPE = 2
+"""Version of the recipe below, saved in pretrain.json: a cached base model of another recipe is rebuilt
+(`mmcl.builtin.builtin_model`). 2: stage 0 on freshly drawn alignment images."""
+Draw = Callable[[int], tuple[torch.Tensor, list[str]]]
+"""Stage 0's data: batch size -> (images as the tower's input, their captions)."""
 
 
 @dataclass
@@ -41,46 +53,109 @@ class PretrainConfig:
     seed: int = 0
     vocab_size: int = 1024
     sizes: TinySizes = field(default_factory=TinySizes)
-    vision_steps: int = 2400
-    """Stage 0 steps (batch 32, lr `vision_lr`); 0 skips it (e.g. for a pretrained tower). A tower from scratch tells
-    colours apart within a few hundred steps but shapes only after thousands, on thousands of images (on fewer it
-    overfits); see docs/world.md."""
+    vision_steps: int = 6000
+    """Stage 0 steps (batch 32, one-cycle lr peaking at `vision_lr`); 0 skips it (e.g. for a pretrained tower). A
+    tower from scratch tells colours apart within a few hundred steps but shapes only after thousands, on new images
+    (on a few thousand fixed ones it memorises them); see docs/world.md."""
     vision_lr: float = 4e-3
+    vision_source: str = "generate"
+    """Stage 0's images: "generate" draws new alignment images from the built-in world's generator at every step (a
+    world not written by mmcl falls back to its files); "files" reuses the world's alignment records."""
     language: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_ratio=0.05))
     align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup_ratio=0.05))
     eval_batch_size: int = 128
 
 
-def pretrain_vision(model, records, media, steps: int, *, seed: int, batch_size: int = 32, lr: float = 2e-3,
+def pretrain_vision(model, draw: Draw, words: list[str], steps: int, *, batch_size: int = 32, lr: float = 2e-3,
                     progress: bool = True) -> float:
-    """Stage 0: train the image tower to predict which words its caption contains; returns the final loss."""
+    """Stage 0: train the image tower to predict which of `words` its caption contains (the linear head is then
+    discarded); `draw` gives each step's batch. Returns the final loss."""
     from tqdm.auto import tqdm
 
     encoder, spec = model.encoders["image"], model.modalities["image"]
-    words = sorted({w for r in records for w in r.answer.lower().split()})
     index = {w: k for k, w in enumerate(words)}
-    targets = torch.zeros(len(records), len(words))
-    for i, r in enumerate(records):
-        for w in r.answer.lower().split():
-            targets[i, index[w]] = 1.0
     head = torch.nn.Linear(encoder.config.hidden_size, len(words))
     params = list(encoder.parameters()) + list(head.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr)
-    g = torch.Generator().manual_seed(seed)
+    # one-cycle: 5 % warm-up from lr/25, cosine to ~0 (a run of a few steps, as in tests, keeps lr constant)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05) if steps >= 40 \
+        else None
     encoder.train()
     loss = torch.zeros(())
     for _ in tqdm(range(steps), desc="vision", leave=False, disable=not progress):
-        idx = torch.randint(0, len(records), (batch_size,), generator=g)
-        images = torch.stack([media("image", records[i].media["image"]).inputs["values"] for i in idx.tolist()])
+        images, captions = draw(batch_size)
+        targets = torch.zeros(len(captions), len(words))
+        for i, caption in enumerate(captions):
+            for w in caption.lower().split():
+                if w in index:
+                    targets[i, index[w]] = 1.0
         feats = encoder(images).last_hidden_state
         feats = feats[:, 1:] if spec.select == "patch" else feats
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats.mean(1)), targets[idx])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats.mean(1)), targets)
         loss.backward()
         opt.step()
+        if sched:
+            sched.step()
         opt.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def draw_from_files(records, media, seed: int) -> Draw:
+    """Stage 0 batches drawn with replacement from captioned image records (their media through `media`)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n: int):
+        idx = torch.randint(0, len(records), (n,), generator=g).tolist()
+        return (torch.stack([media("image", records[i].media["image"]).inputs["values"] for i in idx]),
+                [records[i].answer for i in idx])
+    return draw
+
+
+def _pixels(im) -> bytes:
+    return hashlib.sha1(im.convert("RGB").tobytes()).digest()
+
+
+def world_test_pixels(world: Path) -> set[bytes]:
+    """Fingerprints of the pixels of every test image of every task of `world`: what stage 0 must never see."""
+    from mmcl.data.media import read_image
+    from mmcl.data.synth.world import task_dirs
+
+    seen: set[bytes] = set()
+    for task_dir in task_dirs(world):
+        task = load_task(task_dir)
+        if "test" in task.splits:
+            seen.update(_pixels(read_image(r.media["image"])) for r in clean_records(task, "test", "world")
+                        if "image" in r.media)
+    return seen
+
+
+class GeneratedImages:
+    """Stage 0 batches of new alignment images from the built-in world's generator (seeded by the world's seed and
+    `seed`), normalised as the model's processor does. A draw whose pixels equal a test image of the world is
+    skipped and counted in `skipped` (the written words, from a few positions, recur often)."""
+
+    def __init__(self, world: Path, index: dict, spec, seed: int):
+        from mmcl.data.synth.image_tasks import ALIGN_TASK
+
+        self.generate = ALIGN_TASK.generate
+        self.rng = random.Random(f"mmcl-world/{index['seed']}/vision-pretrain/{seed}")
+        self.forbidden = world_test_pixels(world)
+        self.size, self.spec, self.skipped = index["sizes"]["image_size"], spec, 0
+
+    def __call__(self, n: int) -> tuple[torch.Tensor, list[str]]:
+        from mmcl.data.media import normalise_image
+
+        images, captions = [], []
+        while len(images) < n:
+            for sample in self.generate(self.rng, n - len(images), self.size):
+                if _pixels(sample.image) in self.forbidden:
+                    self.skipped += 1
+                    continue
+                images.append(normalise_image(sample.image, self.spec.image_size, self.spec.mean, self.spec.std))
+                captions.append(sample.answer)
+        return torch.stack(images), captions
 
 
 def instruction_tune(base: Path, world: Path, out: Path, tasks: list[str], cfg: TrainConfig | None = None, *,
@@ -120,9 +195,16 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
 
     if cfg.vision_steps and "image" in model.encoders:
         captioned = [r for t in align_tasks for r in clean_records(t, "train", _DATA) if "image" in r.media]
-        log(f"pretrain 0/2: vision tower on the words of {len(captioned)} image captions")
-        pretrain_vision(model, captioned, media, cfg.vision_steps, seed=cfg.seed, lr=cfg.vision_lr,
-                        progress=progress)
+        words = sorted({w for r in captioned for w in r.answer.lower().split()})
+        if cfg.vision_source == "generate" and index.get("format") == FORMAT:
+            draw = GeneratedImages(world, index, model.modalities["image"], cfg.seed)
+            log(f"pretrain 0/2: vision tower on the words of {cfg.vision_steps * 32} new alignment images")
+        else:
+            draw = draw_from_files(captioned, media, cfg.seed)
+            log(f"pretrain 0/2: vision tower on the words of {len(captioned)} image captions")
+        pretrain_vision(model, draw, words, cfg.vision_steps, lr=cfg.vision_lr, progress=progress)
+        if isinstance(draw, GeneratedImages):
+            log(f"pretrain 0/2: {draw.skipped} draws equal to a test image of the world were skipped")
 
     # stage 1: language skills, whole language model trained
     for p in model.parameters():
@@ -155,6 +237,7 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
         "world_seed": index.get("seed"),
         "world_version": index.get("version"),
         "world_data_version": index.get("data_version", index.get("version")),
+        "base_recipe": BASE_RECIPE,
         "config": asdict(cfg),
         "scores": scores,
         "steps": {"language": r1.steps, "align": r2.steps},

@@ -78,10 +78,10 @@ def bold_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def draw_word(img: Image.Image, word: str, rng: random.Random) -> None:
-    """Render `word` in black bold letters as large as fits (about 90% of the width), jittered slightly."""
-    size = img.width
-    draw = ImageDraw.Draw(img)
+@lru_cache(maxsize=1024)
+def _fitted_font(word: str, size: int) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, Box]:
+    """The largest bold font at which `word` fits about 90 % of the width and 80 % of the height, and its text box."""
+    draw = ImageDraw.Draw(Image.new("RGB", (size, size)))
     font_px = size
     while font_px > 6:
         font = bold_font(font_px)
@@ -89,10 +89,17 @@ def draw_word(img: Image.Image, word: str, rng: random.Random) -> None:
         if r - l <= 0.9 * size and b - t <= 0.8 * size:
             break
         font_px -= 1
+    return font, (l, t, r, b)
+
+
+def draw_word(img: Image.Image, word: str, rng: random.Random) -> None:
+    """Render `word` in black bold letters as large as fits (about 90% of the width), jittered slightly."""
+    size = img.width
+    font, (l, t, r, b) = _fitted_font(word, size)
     slack_x, slack_y = size - (r - l), size - (b - t)
     x = rng.randint(slack_x // 4, max(slack_x // 4, slack_x - slack_x // 4)) - l
     y = rng.randint(slack_y // 4, max(slack_y // 4, slack_y - slack_y // 4)) - t
-    draw.text((x, y), word, font=font, fill=(0, 0, 0))
+    ImageDraw.Draw(img).text((x, y), word, font=font, fill=(0, 0, 0))
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -253,7 +253,8 @@ def write_world(out: Path, seed: int = 0, sizes: WorldSizes | None = None, progr
     return out / "world.json"
 
 
-def _task_dirs(world_dir: Path) -> list[Path]:
+def task_dirs(world_dir: Path) -> list[Path]:
+    """Every task directory of a written world: its streams' tasks and retention tasks, then its pre-training sets."""
     world = json.loads((world_dir / "world.json").read_text(encoding="utf-8"))
     dirs: list[Path] = []
     for stream_rel in world["streams"].values():
@@ -271,7 +272,7 @@ def world_texts(out: Path) -> Iterator[str]:
 
     Meant for training the tokenizer, so it covers all words the model must read or write; texts keep <image>.
     """
-    for task_dir in _task_dirs(Path(out)):
+    for task_dir in task_dirs(Path(out)):
         manifest = yaml.safe_load((task_dir / "task.yaml").read_text(encoding="utf-8"))
         for split_file in manifest["splits"].values():
             with open(task_dir / split_file, encoding="utf-8") as f:
