@@ -121,7 +121,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_config_file_that_is_not_a_mapping(tmp_path: Path) -> None:
     path = tmp_path / "list.yaml"
     path.write_text("- a\n- b\n")
-    with pytest.raises(ConfigError, match=r"list\.yaml: the top level must be a mapping"):
+    with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping of config sections at the top level, got list"):
         load_config(path)
 
 
@@ -337,3 +337,13 @@ def test_compare_method_syntax_composes_and_sets_options():
     assert methods[1].options == ["strategies.lora.mode=merge", "strategies.lora.r=4"]
     with pytest.raises(ValueError, match="must be key=value"):
         parse_methods("lora[merge]")
+
+
+def test_an_empty_recipe_is_the_defaults_and_bad_yaml_is_one_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty).train == load_config(None).train
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from mmcl.yaml_files import read_yaml_mapping
+
 # Named compositions from the papers: each name expands to strategies with options (P1's mSGM and mSGM + R: LoRA
 # merged into the base after every task with a fresh adapter for the next, P1's protocol, plus soft targets).
 PRESETS: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -373,12 +375,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+        data = read_yaml_mapping(path, ConfigError, "a mapping of config sections at the top level", empty_ok=True)
     for o in overrides or []:
         apply_override(data, o)
     try:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from mmcl.yaml_files import read_yaml_mapping
 
 MODALITIES = ("image", "audio", "video")
 TASK_TYPES = ("qa", "mcq", "caption", "grounding", "classification")
@@ -110,13 +110,7 @@ class DataError(ValueError):
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(path, DataError)
 
 
 def load_task(path: str | Path) -> Task:

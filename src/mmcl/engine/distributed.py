@@ -15,10 +15,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from mmcl.config import ConfigError, RunConfig
 from mmcl.strategies.registry import engine_refusal
+from mmcl.yaml_files import read_yaml_mapping
 
 DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED")
 """The `distributed_type` values of an Accelerate config that mmcl takes."""
@@ -58,12 +57,7 @@ def read_launch_config(path: Path | str) -> LaunchConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--accelerate-config {path}: no such file (examples: configs/accelerate/*.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping as `accelerate config` writes it, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, ConfigError, "a mapping as `accelerate config` writes it")
     kind = raw.get("distributed_type", "NO")
     if kind not in DISTRIBUTED_TYPES:
         raise ConfigError(f"{path}: distributed_type={kind!r} is not one mmcl runs; use one of "
