@@ -32,7 +32,7 @@ def builtin_world(*, progress: bool = True, log=print) -> Path:
 
 
 def builtin_model(*, progress: bool = True, log=print) -> Path:
-    """The tiny base model directory, pre-trained on the built-in world if it is not cached yet (~6 min on a CPU);
+    """The tiny base model directory, pre-trained on the built-in world if it is not cached yet (~5 min on a CPU);
     one pre-trained on an older world version or by an older recipe is replaced."""
     from mmcl.models.tiny import TINY_MODALITIES
     from mmcl.pretrain import pretrain
@@ -43,7 +43,7 @@ def builtin_model(*, progress: bool = True, log=print) -> Path:
                                 or not info.exists() or not is_current_base(json.loads(info.read_text())))
     if not index.exists() or stale:
         why = ": the cached one is from an older mmcl (another world or model)" if stale else ""
-        log(f"pre-training the tiny base model into {path} (once, about six minutes on a CPU){why}")
+        log(f"pre-training the tiny base model into {path} (once, about five minutes on a CPU){why}")
         pretrain(builtin_world(progress=progress, log=log), path, progress=progress, log=log)
     return path
 
