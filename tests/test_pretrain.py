@@ -59,3 +59,11 @@ def test_a_cached_base_of_another_world_or_recipe_is_not_current() -> None:
     # a pretrain.json from before recipes were recorded is recipe 1, and names only the world version
     assert not is_current_base({"world_version": DATA_VERSION})
     assert BASE_RECIPE > 1
+
+
+def test_an_unknown_stage0_source_is_refused_not_read_as_files() -> None:
+    from mmcl.pretrain import PretrainConfig
+
+    assert PretrainConfig(vision_source="files").vision_source == "files"
+    with pytest.raises(ValueError, match=r"vision_source must be one of generate, files, got 'gen'"):
+        PretrainConfig(vision_source="gen")

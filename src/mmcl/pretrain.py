@@ -44,6 +44,7 @@ _DATA = "pre-training data"
 BASE_RECIPE = 2
 """Version of the recipe below, saved in pretrain.json: a cached base model of another recipe is rebuilt
 (`mmcl.builtin.builtin_model`). 2: stage 0 on freshly drawn alignment images."""
+VISION_SOURCES = ("generate", "files")
 Draw = Callable[[int], tuple[torch.Tensor, list[str]]]
 """Stage 0's data: batch size -> (images as the tower's input, their captions)."""
 
@@ -64,6 +65,11 @@ class PretrainConfig:
     language: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_ratio=0.05))
     align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=1e-3, warmup_ratio=0.05))
     eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.vision_source not in VISION_SOURCES:
+            raise ValueError(f"PretrainConfig.vision_source must be one of {', '.join(VISION_SOURCES)}, "
+                             f"got {self.vision_source!r}")
 
 
 def pretrain_vision(model, draw: Draw, words: list[str], steps: int, *, batch_size: int = 32, lr: float = 2e-3,
