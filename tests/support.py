@@ -262,6 +262,22 @@ def tensors_of(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {f.stem: {k: v.clone() for k, v in load_file(str(f)).items()} for f in sorted(ckpt.glob("*.safetensors"))}
 
 
+DDP_ATOL = 5e-5
+"""How far one weight of 2 processes may sit from 1 process's (docs/reliability.md): the gradients match up to float
+summation order, but Adam divides each by its own running scale, so a weight whose gradient is within that noise of
+zero can move by a fraction of a step (observed: one weight of 164,800 at 1.9e-5, every other within 1e-6)."""
+DDP_SHARE = 1e-3
+"""The most weights that may differ by more than 1e-6 (a real difference, another global batch, moves ~24 %)."""
+
+
+def weight_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tiny: float = 1e-6) -> tuple[float, float]:
+    """(largest |a - b| over every weight, share of weights with |a - b| > tiny) of two state dicts."""
+    assert a.keys() == b.keys(), f"different keys {sorted(set(a) ^ set(b))[:5]}"
+    gaps = [(a[k] - b[k]).abs() for k in a]
+    total = sum(g.numel() for g in gaps)
+    return max(float(g.max()) for g in gaps), sum(int((g > tiny).sum()) for g in gaps) / total
+
+
 def assert_tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
     assert a.keys() == b.keys(), f"{what}: different keys {sorted(set(a) ^ set(b))[:5]}"
     diff = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
