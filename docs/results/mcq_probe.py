@@ -1,0 +1,148 @@
+"""Why the built-in multiple-choice task stays at chance: probes of the tiny base model; writes docs/results/mcq_probe.json.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python docs/results/mcq_probe.py [--seeds 0,1]
+
+Two measurements on the built-in base (under $MMCL_HOME, made on first use as `mmcl demo` does):
+1. The world's `mcq` task fine-tuned alone from the base (the image stream's recipe, as `ceilings.py` does) with its
+   answer written four ways: the option's letter (as the world ships it), the letter with four times the steps, the
+   option's text, and options listed as "circle (B)" answered the same way (so the letter follows a copy of the
+   option's word, the pattern induction heads complete). All are scored by `option_letter`, which accepts a letter
+   or exactly one option's text.
+2. The base's language model trained alone on a text-only lookup ("Which option is the word moon?" over four
+   lettered words, answer the letter) for `--lookup-epochs` epochs: whether it can learn to point at an option at
+   all, with no image involved. Its 200 test prompts are disjoint from its training prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ceilings import ceiling  # noqa: E402
+
+LETTERS = "ABCD"
+LETTER_TAIL = "the option's letter from the given choices directly"
+OPTION = re.compile(r"^([A-D])\. (\w+)$", re.M)
+
+
+def _letter(prompt: str, gold: str, options: dict) -> tuple[str, str]:
+    return prompt, gold
+
+
+def _text(prompt: str, gold: str, options: dict) -> tuple[str, str]:
+    return prompt.replace(LETTER_TAIL, "the option's text"), options[gold]
+
+
+def _word_then_letter(prompt: str, gold: str, options: dict) -> tuple[str, str]:
+    listed = OPTION.sub(r"\2 (\1)", prompt).replace(LETTER_TAIL, "the option as listed")
+    return listed, f"{options[gold]} ({gold})"
+
+
+VARIANTS = {"letter": (_letter, []), "letter_4x_steps": (_letter, ["train.epochs=12"]), "option_text": (_text, []),
+            "word_then_letter": (_word_then_letter, [])}
+
+
+def write_variant(src: Path, dst: Path, rewrite) -> Path:
+    """A copy of the task at `src` with each record's prompt and answer rewritten; the reference stays the gold
+    letter, so every variant is scored the same way. Images are hard links (or copies) inside `dst`."""
+    shutil.copytree(src / "images", dst / "images", copy_function=_link_or_copy)
+    manifest = (src / "task.yaml").read_text().replace("max_new_tokens: 3", "max_new_tokens: 6")
+    (dst / "task.yaml").write_text(manifest)
+    for split in ("train", "test"):
+        with open(src / f"{split}.jsonl") as fin, open(dst / f"{split}.jsonl", "w") as fout:
+            for line in fin:
+                r = json.loads(line)
+                prompt, gold = r["conversations"][0]["value"], r["answers"][0]
+                prompt, answer = rewrite(prompt, gold, dict(OPTION.findall(prompt)))
+                r["conversations"][0]["value"], r["conversations"][1]["value"] = prompt, answer
+                fout.write(json.dumps(r) + "\n")
+    return dst
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        Path(dst).hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def lookup_task(out: Path, n_train: int, seed: int = 0) -> Path:
+    """A text-only task: which of four lettered words is the one the question names; test prompts never in train."""
+    from mmcl.data.synth.text_tasks import ORDER_WORDS
+
+    def prompt(rng: random.Random) -> tuple[str, str]:
+        gold = rng.choice(ORDER_WORDS)
+        options = rng.sample([w for w in ORDER_WORDS if w != gold], 3)
+        pos = rng.randrange(4)
+        options.insert(pos, gold)
+        lines = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(options))
+        return f"Which option is the word {gold}?\n{lines}\nAnswer with {LETTER_TAIL}.", LETTERS[pos]
+
+    rng = random.Random(f"mcq-probe/lookup/{seed}")
+    train = [prompt(rng) for _ in range(n_train)]
+    seen, test = {p for p, _ in train}, []
+    while len(test) < 200:
+        p, a = prompt(rng)
+        if p not in seen:
+            seen.add(p)
+            test.append((p, a))
+    out.mkdir(parents=True)
+    for split, rows in (("train", train), ("test", test)):
+        with open(out / f"{split}.jsonl", "w") as f:
+            for i, (p, a) in enumerate(rows):
+                f.write(json.dumps({"id": f"lookup-{split}-{i}", "conversations": [
+                    {"from": "human", "value": p}, {"from": "gpt", "value": a}], "answers": [a]}) + "\n")
+    (out / "task.yaml").write_text(
+        "name: lang_lookup\nmodality: text\ntype: mcq\nscorer: option_letter\n"
+        "description: Which of four lettered words is the named one.\ndata_root: .\n"
+        "splits: {train: train.jsonl, test: test.jsonl}\nmax_new_tokens: 3\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", default="0,1", help="comma-separated run seeds of the format variants (default 0,1)")
+    ap.add_argument("--lookup-records", type=int, default=3000)
+    ap.add_argument("--lookup-epochs", type=int, default=10)
+    ap.add_argument("--lookup-lr", type=float, default=1e-3)
+    ap.add_argument("--out", default=str(ROOT / "docs/results/mcq_probe.json"))
+    args = ap.parse_args(argv)
+    from mmcl.base_tuning import tune_base
+    from mmcl.builtin import builtin_model, builtin_world
+    from mmcl.config import TrainConfig
+    from mmcl.data.records import load_task
+
+    world, base = builtin_world(progress=False), builtin_model(progress=False)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    info = json.loads((base / "pretrain.json").read_text())  # which base instance (pre-training is not bit-exact)
+    doc: dict = {"base": info.get("base_recipe"), "base_scores": info.get("scores"), "formats": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (rewrite, overrides) in VARIANTS.items():
+            task_dir = write_variant(world / "tasks" / "mcq", Path(tmp) / name / "mcq", rewrite)
+            scores = [ceiling("mcq", "image", task_dir, s, Path(tmp) / name, overrides)["score"] for s in seeds]
+            doc["formats"][name] = {"overrides": overrides, "seeds": seeds, "scores": scores}
+            print(f"mcq as {name:18s} {scores}", flush=True)
+        task = load_task(lookup_task(Path(tmp) / "lookup", args.lookup_records))
+        cfg = TrainConfig(epochs=args.lookup_epochs, batch_size=32, lr=args.lookup_lr, warmup_ratio=0.05)
+        info = tune_base(base, [task], [task], Path(tmp) / "lookup-model", cfg, parts=["language_model"], info={},
+                         what="lookup probe", label="lookup", score_before=True, eval_batch_size=128,
+                         progress=False, log=lambda *a: None)
+        doc["text_lookup"] = {"records": args.lookup_records, "epochs": args.lookup_epochs, "lr": args.lookup_lr,
+                              "steps": info["steps"], "before": info["scores_before"]["lang_lookup"],
+                              "after": info["scores"]["lang_lookup"], "n_test": 200}
+        print(f"text lookup: {doc['text_lookup']}")
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
