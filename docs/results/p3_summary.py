@@ -33,16 +33,24 @@ def cell(values: list[float]) -> str:
     return f"{m:.1f} ± {h:.1f}"
 
 
-def metric(run: Path, key: str) -> float:
+def metric_or_none(run: Path, key: str) -> float | None:
     v = json.loads((run / "metrics.json").read_text())[key]
-    return float(v["mean"] if isinstance(v, dict) else v)
+    v = v["mean"] if isinstance(v, dict) else v
+    return None if v is None else float(v)
+
+
+def metric(run: Path, key: str) -> float:
+    v = metric_or_none(run, key)
+    assert v is not None, f"{run}: no {key} in metrics.json"
+    return v
 
 
 def runs_of(comparison: Path) -> dict[str, dict[int, Path]]:
     out: dict[str, dict[int, Path]] = {}
     for method in sorted(p for p in comparison.iterdir() if p.is_dir()):
         for run in method.glob("seed-*"):
-            if (run / "metrics.json").is_file():
+            # a run cut off mid-stream has a metrics.json without a final score: not a result yet
+            if (run / "metrics.json").is_file() and metric_or_none(run, "final_average_accuracy") is not None:
                 out.setdefault(method.name, {})[int(run.name.split("-")[1])] = run
     return out
 
