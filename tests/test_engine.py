@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,15 @@ def test_compare_aggregates_methods_over_seeds_and_skips_finished_runs(micro_ove
     capsys.readouterr()
     assert main(args) == 0  # a re-run skips the four complete runs
     assert capsys.readouterr().out.count("complete, skipped") == 4
+    # a run cut off before its first checkpoint (only its config and row 0 written) is started again, not refused
+    cut = tmp_path / "cmp" / "sequential" / "seed-1"
+    for p in cut.iterdir():
+        if p.name not in ("config.yaml", "predictions"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("complete, skipped") == 3 and "no complete checkpoint" in out
+    assert json.loads((cut / "matrix.json").read_text())["rows"][-1]["scores"]["shape_cls"] == pytest.approx(last[1])
 
 
 @pytest.mark.parametrize("stream, strategies, says", [

@@ -120,7 +120,8 @@ def run_comparison(
                     extra.append(f"data.order=[{','.join(order)}]")
                 cfg = load_config(config_path, overrides + extra)
                 log(f"[{m.label} {name}] running")
-                run(cfg, resume=(run_dir / "checkpoints" / "latest").exists(), progress=progress, log=log)
+                # a run cut off before its first checkpoint holds only its config: the engine starts it afresh
+                run(cfg, resume=(run_dir / "config.yaml").exists(), progress=progress, log=log)
     single = None
     if single_task is not None:
         by_task = run_single_task(config_path, overrides, seeds, single_task, progress=progress, log=log)

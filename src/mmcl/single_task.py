@@ -76,7 +76,7 @@ def run_single_task(
                                             "strategies=[sequential]", "eval.retention=false", f"seed={seed}",
                                             f"output_dir={run_dir}", f"name=single_task-{task.name}-seed-{seed}"])
             log(f"[single_task {task.name} seed-{seed}] running")
-            run(cfg, resume=(run_dir / "checkpoints" / "latest").exists(), progress=progress, log=log)
+            run(cfg, resume=(run_dir / "config.yaml").exists(), progress=progress, log=log)
     summary = {name: {str(s): json.loads((d / "matrix.json").read_text())["rows"][-1]["scores"][name]
                       for s, d in by_seed.items()} for name, by_seed in dirs.items()}
     (out / SUMMARY).write_text(json.dumps({"seeds": seeds, "scores": summary}, indent=2) + "\n")
