@@ -11,6 +11,10 @@ Two measurements on the built-in base (under $MMCL_HOME, made on first use as `m
 2. The base's language model trained alone on a text-only lookup ("Which option is the word moon?" over four
    lettered words, answer the letter) for `--lookup-epochs` epochs: whether it can learn to point at an option at
    all, with no image involved. Its 200 test prompts are disjoint from its training prompts.
+3. Transfer: the world's `mcq` task (letter answers) fine-tuned alone, as in 1, from the model of 2: whether a
+   lookup skill learned from text before the stream makes the image task learnable in the stream's steps.
+
+`--parts` chooses which to run (default all; 3 needs 2); the results are merged into the JSON file.
 """
 
 from __future__ import annotations
@@ -113,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookup-records", type=int, default=3000)
     ap.add_argument("--lookup-epochs", type=int, default=10)
     ap.add_argument("--lookup-lr", type=float, default=1e-3)
+    ap.add_argument("--parts", default="formats,lookup,transfer", help="which measurements (default all three)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/mcq_probe.json"))
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if "transfer" in parts and "lookup" not in parts:
+        ap.error("--parts transfer needs lookup (the transfer starts from the lookup-trained model)")
     from mmcl.base_tuning import tune_base
     from mmcl.builtin import builtin_model, builtin_world
     from mmcl.config import TrainConfig
@@ -123,13 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     world, base = builtin_world(progress=False), builtin_model(progress=False)
     seeds = [int(s) for s in args.seeds.split(",")]
     info = json.loads((base / "pretrain.json").read_text())  # which base instance (pre-training is not bit-exact)
-    doc: dict = {"base": info.get("base_recipe"), "base_scores": info.get("scores"), "formats": {}}
+    out = Path(args.out)
+    doc: dict = json.loads(out.read_text()) if out.exists() else {}
+    if doc.get("base_scores", info.get("scores")) != info.get("scores"):
+        print(f"error: {out} was measured on another base instance; choose another --out", file=sys.stderr)
+        return 2
+    doc.update({"base": info.get("base_recipe"), "base_scores": info.get("scores")})
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (rewrite, overrides) in VARIANTS.items():
+        for name, (rewrite, overrides) in VARIANTS.items() if "formats" in parts else ():
+            doc.setdefault("formats", {})
             task_dir = write_variant(world / "tasks" / "mcq", Path(tmp) / name / "mcq", rewrite)
             scores = [ceiling("mcq", "image", task_dir, s, Path(tmp) / name, overrides)["score"] for s in seeds]
             doc["formats"][name] = {"overrides": overrides, "seeds": seeds, "scores": scores}
             print(f"mcq as {name:18s} {scores}", flush=True)
+        if "lookup" not in parts:
+            out.write_text(json.dumps(doc, indent=2) + "\n")
+            return 0
         task = load_task(lookup_task(Path(tmp) / "lookup", args.lookup_records))
         cfg = TrainConfig(epochs=args.lookup_epochs, batch_size=32, lr=args.lookup_lr, warmup_ratio=0.05)
         info = tune_base(base, [task], [task], Path(tmp) / "lookup-model", cfg, parts=["language_model"], info={},
@@ -139,8 +156,15 @@ def main(argv: list[str] | None = None) -> int:
                               "steps": info["steps"], "before": info["scores_before"]["lang_lookup"],
                               "after": info["scores"]["lang_lookup"], "n_test": 200}
         print(f"text lookup: {doc['text_lookup']}")
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        if "transfer" in parts:
+            over = [f"model.path={Path(tmp) / 'lookup-model'}"]
+            (Path(tmp) / "transfer").mkdir()
+            scores = [ceiling("mcq", "image", world / "tasks" / "mcq", s, Path(tmp) / "transfer", over)["score"]
+                      for s in seeds]
+            doc["transfer"] = {"from": "text_lookup model", "format": "letter", "seeds": seeds, "scores": scores}
+            print(f"mcq (letter) from the lookup-trained model: {scores}")
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
