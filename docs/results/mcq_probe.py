@@ -4,9 +4,10 @@
 
 Two measurements on the built-in base (under $MMCL_HOME, made on first use as `mmcl demo` does):
 1. The world's `mcq` task fine-tuned alone from the base (the image stream's recipe, as `ceilings.py` does) with its
-   answer written four ways: the option's letter (as the world ships it), the letter with four times the steps, the
-   option's text, and options listed as "circle (B)" answered the same way (so the letter follows a copy of the
-   option's word, the pattern induction heads complete). All are scored by `option_letter`, which accepts a letter
+   answer written five ways: the option's letter (as the world ships it), the letter with four times the steps, the
+   option's text, options listed as "circle (B)" answered the same way (so the letter follows a copy of the
+   option's word, the pattern induction heads complete), and options listed as usual answered "circle (B)" (the
+   shape named first, then its letter). All are scored by `option_letter`, which accepts a letter
    or exactly one option's text.
 2. The base's language model trained alone on a text-only lookup ("Which option is the word moon?" over four
    lettered words, answer the letter) for `--lookup-epochs` epochs: whether it can learn to point at an option at
@@ -50,8 +51,12 @@ def _word_then_letter(prompt: str, gold: str, options: dict) -> tuple[str, str]:
     return listed, f"{options[gold]} ({gold})"
 
 
+def _name_then_letter(prompt: str, gold: str, options: dict) -> tuple[str, str]:
+    return prompt.replace(LETTER_TAIL, "the shape, then the option's letter in brackets"), f"{options[gold]} ({gold})"
+
+
 VARIANTS = {"letter": (_letter, []), "letter_4x_steps": (_letter, ["train.epochs=12"]), "option_text": (_text, []),
-            "word_then_letter": (_word_then_letter, [])}
+            "word_then_letter": (_word_then_letter, []), "name_then_letter": (_name_then_letter, [])}
 
 
 def write_variant(src: Path, dst: Path, rewrite) -> Path:
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookup-epochs", type=int, default=10)
     ap.add_argument("--lookup-lr", type=float, default=1e-3)
     ap.add_argument("--parts", default="formats,lookup,transfer", help="which measurements (default all three)")
+    ap.add_argument("--formats", default=",".join(VARIANTS), help="answer formats of part 1 (default all)")
+    ap.add_argument("--transfer-formats", default="letter,name_then_letter", help="answer formats of part 3")
     ap.add_argument("--out", default=str(ROOT / "docs/results/mcq_probe.json"))
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -138,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     doc.update({"base": info.get("base_recipe"), "base_scores": info.get("scores")})
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (rewrite, overrides) in VARIANTS.items() if "formats" in parts else ():
-            doc.setdefault("formats", {})
-            task_dir = write_variant(world / "tasks" / "mcq", Path(tmp) / name / "mcq", rewrite)
-            scores = [ceiling("mcq", "image", task_dir, s, Path(tmp) / name, overrides)["score"] for s in seeds]
-            doc["formats"][name] = {"overrides": overrides, "seeds": seeds, "scores": scores}
+        tasks = {name: write_variant(world / "tasks" / "mcq", Path(tmp) / name / "mcq", rewrite)
+                 for name, (rewrite, _) in VARIANTS.items()}
+        for name in args.formats.split(",") if "formats" in parts else ():
+            overrides = VARIANTS[name][1]
+            scores = [ceiling("mcq", "image", tasks[name], s, Path(tmp) / name, overrides)["score"] for s in seeds]
+            doc.setdefault("formats", {})[name] = {"overrides": overrides, "seeds": seeds, "scores": scores}
             print(f"mcq as {name:18s} {scores}", flush=True)
         if "lookup" not in parts:
             out.write_text(json.dumps(doc, indent=2) + "\n")
@@ -156,13 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                               "steps": info["steps"], "before": info["scores_before"]["lang_lookup"],
                               "after": info["scores"]["lang_lookup"], "n_test": 200}
         print(f"text lookup: {doc['text_lookup']}")
-        if "transfer" in parts:
-            over = [f"model.path={Path(tmp) / 'lookup-model'}"]
-            (Path(tmp) / "transfer").mkdir()
-            scores = [ceiling("mcq", "image", world / "tasks" / "mcq", s, Path(tmp) / "transfer", over)["score"]
-                      for s in seeds]
-            doc["transfer"] = {"from": "text_lookup model", "format": "letter", "seeds": seeds, "scores": scores}
-            print(f"mcq (letter) from the lookup-trained model: {scores}")
+        for name in args.transfer_formats.split(",") if "transfer" in parts else ():
+            over = [f"model.path={Path(tmp) / 'lookup-model'}", *VARIANTS[name][1]]
+            work = Path(tmp) / "transfer" / name
+            work.mkdir(parents=True)
+            scores = [ceiling("mcq", "image", tasks[name], s, work, over)["score"] for s in seeds]
+            doc.setdefault("transfer", {})[name] = {"from": "text_lookup model", "seeds": seeds, "scores": scores}
+            print(f"mcq as {name} from the lookup-trained model: {scores}", flush=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
