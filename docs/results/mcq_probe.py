@@ -12,8 +12,11 @@ Two measurements on the built-in base (under $MMCL_HOME, made on first use as `m
 2. The base's language model trained alone on a text-only lookup ("Which option is the word moon?" over four
    lettered words, answer the letter) for `--lookup-epochs` epochs: whether it can learn to point at an option at
    all, with no image involved. Its 200 test prompts are disjoint from its training prompts.
-3. Transfer: the world's `mcq` task (letter answers) fine-tuned alone, as in 1, from the model of 2: whether a
-   lookup skill learned from text before the stream makes the image task learnable in the stream's steps.
+3. Transfer: the world's `mcq` task fine-tuned alone, as in 1, from the model of 2 (`--transfer-formats`): whether
+   a lookup skill learned from text before the stream makes the image task learnable in the stream's steps.
+4. Image lookup: the base's projectors and language model trained alone on a colour multiple choice ("Which colour
+   is shown?" over four lettered colours, one shape of that colour; the same records and steps as 2, test images
+   disjoint), scored on its own test set, then the world's `mcq` (letters) fine-tuned alone from that model.
 
 `--parts` chooses which to run (default all; 3 needs 2); the results are merged into the JSON file.
 """
@@ -116,13 +119,50 @@ def lookup_task(out: Path, n_train: int, seed: int = 0) -> Path:
     return out
 
 
+def colour_task(out: Path, n_train: int, seed: int = 0) -> Path:
+    """An image task: which of four lettered colours is the shape's; written as the world writes its tasks (so no
+    test record repeats a train record)."""
+    from tqdm import tqdm
+
+    from mmcl.data.synth.image_tasks import COLOUR_NAMES, _single_shape
+    from mmcl.data.synth.shapes import SHAPES
+    from mmcl.data.synth.spec import Sample, TaskSpec, balanced
+    from mmcl.data.synth.world import _write_task
+
+    def generate(rng: random.Random, n: int, size: int):
+        for pos in balanced(rng, range(4), n):
+            colour = rng.choice(COLOUR_NAMES)
+            options = rng.sample([c for c in COLOUR_NAMES if c != colour], 3)
+            options.insert(pos, colour)
+            lines = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(options))
+            img = _single_shape(rng, size, rng.choice(SHAPES), colour)
+            prompt = f"Which colour is shown?\n{lines}\nAnswer with {LETTER_TAIL}."
+            yield Sample(prompt, LETTERS[pos], [LETTERS[pos]], img)
+
+    spec = TaskSpec("colour_mcq", "image", "mcq", "option_letter", "Which of four lettered colours is shown.", generate)
+    return out / _write_task(out, spec, spec, n_train, 200, seed, 64, tqdm(disable=True))
+
+
+def _tuned(base: Path, task, out: Path, args, parts: list[str]) -> dict:
+    """Train `parts` of the base on `task` alone (the lookup recipe) and score its test split before and after."""
+    from mmcl.base_tuning import tune_base
+    from mmcl.config import TrainConfig
+
+    cfg = TrainConfig(epochs=args.lookup_epochs, batch_size=32, lr=args.lookup_lr, warmup_ratio=0.05)
+    info = tune_base(base, [task], [task], out, cfg, parts=parts, info={}, what="mcq probe", label=task.name,
+                     score_before=True, eval_batch_size=128, progress=False, log=lambda *a: None)
+    return {"records": args.lookup_records, "epochs": args.lookup_epochs, "lr": args.lookup_lr, "parts": parts,
+            "steps": info["steps"], "before": info["scores_before"][task.name], "after": info["scores"][task.name],
+            "n_test": 200}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1", help="comma-separated run seeds of the format variants (default 0,1)")
     ap.add_argument("--lookup-records", type=int, default=3000)
     ap.add_argument("--lookup-epochs", type=int, default=10)
     ap.add_argument("--lookup-lr", type=float, default=1e-3)
-    ap.add_argument("--parts", default="formats,lookup,transfer", help="which measurements (default all three)")
+    ap.add_argument("--parts", default="formats,lookup,transfer,image_lookup", help="which measurements (default all)")
     ap.add_argument("--formats", default=",".join(VARIANTS), help="answer formats of part 1 (default all)")
     ap.add_argument("--transfer-formats", default="letter,name_then_letter", help="answer formats of part 3")
     ap.add_argument("--out", default=str(ROOT / "docs/results/mcq_probe.json"))
@@ -130,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     if "transfer" in parts and "lookup" not in parts:
         ap.error("--parts transfer needs lookup (the transfer starts from the lookup-trained model)")
-    from mmcl.base_tuning import tune_base
     from mmcl.builtin import builtin_model, builtin_world
-    from mmcl.config import TrainConfig
     from mmcl.data.records import load_task
 
     world, base = builtin_world(progress=False), builtin_model(progress=False)
@@ -152,18 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             scores = [ceiling("mcq", "image", tasks[name], s, Path(tmp) / name, overrides)["score"] for s in seeds]
             doc.setdefault("formats", {})[name] = {"overrides": overrides, "seeds": seeds, "scores": scores}
             print(f"mcq as {name:18s} {scores}", flush=True)
-        if "lookup" not in parts:
-            out.write_text(json.dumps(doc, indent=2) + "\n")
-            return 0
-        task = load_task(lookup_task(Path(tmp) / "lookup", args.lookup_records))
-        cfg = TrainConfig(epochs=args.lookup_epochs, batch_size=32, lr=args.lookup_lr, warmup_ratio=0.05)
-        info = tune_base(base, [task], [task], Path(tmp) / "lookup-model", cfg, parts=["language_model"], info={},
-                         what="lookup probe", label="lookup", score_before=True, eval_batch_size=128,
-                         progress=False, log=lambda *a: None)
-        doc["text_lookup"] = {"records": args.lookup_records, "epochs": args.lookup_epochs, "lr": args.lookup_lr,
-                              "steps": info["steps"], "before": info["scores_before"]["lang_lookup"],
-                              "after": info["scores"]["lang_lookup"], "n_test": 200}
-        print(f"text lookup: {doc['text_lookup']}")
+        if "lookup" in parts:
+            task = load_task(lookup_task(Path(tmp) / "lookup", args.lookup_records))
+            doc["text_lookup"] = _tuned(base, task, Path(tmp) / "lookup-model", args, ["language_model"])
+            print(f"text lookup: {doc['text_lookup']}", flush=True)
         for name in args.transfer_formats.split(",") if "transfer" in parts else ():
             over = [f"model.path={Path(tmp) / 'lookup-model'}", *VARIANTS[name][1]]
             work = Path(tmp) / "transfer" / name
@@ -171,6 +201,16 @@ def main(argv: list[str] | None = None) -> int:
             scores = [ceiling("mcq", "image", tasks[name], s, work, over)["score"] for s in seeds]
             doc.setdefault("transfer", {})[name] = {"from": "text_lookup model", "seeds": seeds, "scores": scores}
             print(f"mcq as {name} from the lookup-trained model: {scores}", flush=True)
+        if "image_lookup" in parts:
+            task = load_task(colour_task(Path(tmp) / "colour", args.lookup_records))
+            model = Path(tmp) / "colour-model"
+            doc["image_lookup"] = _tuned(base, task, model, args, ["projectors", "language_model"])
+            work = Path(tmp) / "transfer" / "from-colour"
+            work.mkdir(parents=True)
+            scores = [ceiling("mcq", "image", tasks["letter"], s, work, [f"model.path={model}"])["score"]
+                      for s in seeds]
+            doc["image_lookup"]["mcq_letter_after"] = {"seeds": seeds, "scores": scores}
+            print(f"image lookup: {doc['image_lookup']}", flush=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
