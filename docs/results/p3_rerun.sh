@@ -37,5 +37,6 @@ cp "$OUT/pretrained/tir_ewc/seed-0/plots/similarity.png" $R/p3_similarity.png
 cp "$BASE/pretrain.json" $R/p3_base.json
 cp "$OUT/base-instruct/pretrain.json" $R/p3_instructed_base.json
 HOME_DIR=$($BIN/python -c "from mmcl.builtin import mmcl_home; print(mmcl_home().resolve())")
-sed -i "s|$PWD/||g; s|$HOME_DIR/|\$MMCL_HOME/|g" $R/p3_*.md $R/p3_*.json
+OUT_DIR=$(cd "$OUT" && pwd)  # an OUT outside the repository reads as the documented runs/p3
+sed -i "s|$OUT_DIR/|runs/p3/|g; s|$PWD/||g; s|$HOME_DIR/|\$MMCL_HOME/|g" $R/p3_*.md $R/p3_*.json
 echo "P3 files written under $R; now update RESULTS.md's P3 section from $R/p3_tables.md"
