@@ -125,6 +125,32 @@ def stream_file(world: Path, tasks: Sequence[str], where: Path, label: str = "im
     return path
 
 
+def plant_test_record(world: Path, where: Path) -> tuple[Path, str, int]:
+    """A copy of `world` in `where` whose image_cap train split ends with captioning's test record 3 (its image
+    copied under another name, its prompt in other case and punctuation) and two near misses that are no test
+    record: the same image with another prompt, and the same prompt with another image. Returns the copy, the
+    planted record's "task/id" and its line in image_cap/train.jsonl."""
+    import shutil
+
+    copy = where / "world-planted"
+    shutil.copytree(world, copy)
+    caption, cap = copy / "tasks" / "caption", copy / "tasks" / "image_cap"
+    test = json.loads((caption / "test.jsonl").read_text().splitlines()[3])
+    train = (cap / "train.jsonl").read_text().splitlines()
+    other_image = json.loads(train[0])["image"]
+    shutil.copy(caption / test["image"], cap / "images" / "planted.png")
+    answer = {"from": "gpt", "value": test["conversations"][1]["value"]}
+    asked = test["conversations"][0]["value"].replace("Describe", "DESCRIBE  ").rstrip(".") + "!"
+    planted = [
+        {"id": "planted", "image": "images/planted.png", "conversations": [{"from": "human", "value": asked}, answer]},
+        {"id": "other-prompt", "image": "images/planted.png",
+         "conversations": [{"from": "human", "value": "<image>\nWhat is shown here?"}, answer]},
+        {"id": "other-image", "image": other_image, "conversations": [{"from": "human", "value": asked}, answer]},
+    ]
+    (cap / "train.jsonl").write_text("\n".join(train + [json.dumps(r) for r in planted]) + "\n")
+    return copy, f"caption/{test['id']}", len(train) + 1
+
+
 # -- models -----------------------------------------------------------------------------------------------------------
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import plant_test_record
 
+from mmcl.data.records import load_task
 from mmcl.data.synth import WorldSizes, write_world
 from mmcl.models.mllm import ModalitySpec
-from mmcl.pretrain import GeneratedImages, _pixels, world_test_pixels
+from mmcl.pretrain import GeneratedImages, _pixels, leave_out_tests, world_test_pixels
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +69,17 @@ def test_an_unknown_stage0_source_is_refused_not_read_as_files() -> None:
     assert PretrainConfig(vision_source="files").vision_source == "files"
     with pytest.raises(ValueError, match=r"vision_source must be one of generate, files, got 'gen'"):
         PretrainConfig(vision_source="gen")
+
+
+def test_a_training_record_equal_to_a_test_record_of_the_world_is_named_for_leaving_out(world: Path,
+                                                                                         tmp_path: Path) -> None:
+    """What `mmcl pretrain --instruct` (and alignment) must not train on: a train record of the tuned tasks that is
+    a test record of any task of the world, compared by normalised prompt and image bytes; the near misses (same
+    image with another prompt, same prompt with another image) stay."""
+    assert leave_out_tests(world, [load_task(world / "tasks" / "image_cap")], "data", log=lambda *a: None) == []
+    planted, test_id, line = plant_test_record(world, tmp_path)
+    logs: list[str] = []
+    found = leave_out_tests(planted, [load_task(planted / "tasks" / "image_cap")], "instruction data", log=logs.append)
+    assert [o["test"] for o in found] == [test_id]
+    assert found[0]["train"].endswith(f"image_cap/train.jsonl:{line}")
+    assert len(logs) == 1 and "left out 1 training record" in logs[0] and test_id in logs[0]

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from support import QUIET
+from support import QUIET, plant_test_record
 
 from mmcl.cli import main
 from mmcl.config import ConfigError, load_config
@@ -252,16 +252,24 @@ def test_cli_similarity_prints_and_writes_the_matrix(micro_world, micro_model, t
 
 
 @pytest.mark.integration
-def test_instruction_tuned_base_is_a_model_directory_that_learned_its_tasks(micro_world, micro_model, tmp_path):
+def test_instruction_tuned_base_is_a_model_directory_that_learned_its_tasks(micro_world, micro_model, tmp_path,
+                                                                            capsys):
     """`mmcl pretrain --instruct` (P3's InstructBLIP-style base): the base trained jointly on held-out world tasks
-    is saved as a model directory with its scores; its weights differ from the base's, the tokenizer is kept."""
+    is saved as a model directory with its scores; its weights differ from the base's, the tokenizer is kept. A
+    training record that is a test record of the world (planted in image_cap) is left out and listed."""
     from safetensors.torch import load_file
 
+    world, test_id, line = plant_test_record(micro_world, tmp_path)
     out = tmp_path / "instructed"
     assert main(["pretrain", "--instruct", "image_cap,image_qa", "--base", str(micro_model), "--world",
-                 str(micro_world), "--out", str(out), "--no-progress"]) == 0
+                 str(world), "--out", str(out), "--no-progress"]) == 0
     info = json.loads((out / "pretrain.json").read_text())
     assert info["instruct_tasks"] == ["image_cap", "image_qa"] and info["steps"] > 0
+    assert [o["test"] for o in info["left_out"]] == [test_id]
+    assert info["left_out"][0]["train"].endswith(f"image_cap/train.jsonl:{line}")
+    lines = sum(len((world / "tasks" / t / "train.jsonl").read_text().splitlines())
+                for t in ("image_cap", "image_qa", "lang_arith", "lang_facts", "lang_order"))
+    assert f"on {lines - 1} records" in capsys.readouterr().out
     assert {"image_cap", "image_qa", "lang_arith"} <= set(info["scores"])
     before = load_file(str(micro_model / "projectors.safetensors"))
     after = load_file(str(out / "projectors.safetensors"))

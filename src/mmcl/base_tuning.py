@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,11 +52,13 @@ def clean_records(task: Task, split: str, what: str, limit: int | None = None) -
 def tune_base(base: Path, train: Sequence[Task], scored: Sequence[Task], out: Path, cfg: TrainConfig, *,
               parts: Sequence[str], info: dict, what: str, label: str, seed: int = 0, score_before: bool = False,
               train_limit: int | None = None, test_limit: int | None = None, eval_batch_size: int = 32,
-              cache_root: Path | None = None, progress: bool = True, log=print) -> dict:
-    """Train only `parts` of the mmcl model at `base` on the train splits of `train`, score the test splits of
-    `scored` (also before training with `score_before`), and save it to `out` with `info`, the config, steps, final
-    loss, time and scores in pretrain.json (the dict returned). A task in a modality the model has no encoder for
-    is refused before any training."""
+              cache_root: Path | None = None, leave_out: Collection[str] = (), progress: bool = True,
+              log=print) -> dict:
+    """Train only `parts` of the mmcl model at `base` on the train splits of `train` (less the records whose
+    `source`, file:line, is in `leave_out`), score the test splits of `scored` (also before training with
+    `score_before`), and save it to `out` with `info`, the config, steps, final loss, time and scores in
+    pretrain.json (the dict returned). A task in a modality the model has no encoder for is refused before any
+    training."""
     t0 = time.perf_counter()
     model, tokenizer = load_model(base)
     processor = composition_processor(model, tokenizer)
@@ -73,8 +75,9 @@ def tune_base(base: Path, train: Sequence[Task], scored: Sequence[Task], out: Pa
             p.requires_grad_(True)
     if cache_root is not None:
         attach_feature_cache(model, "auto", cache_root)
-    examples = [e for t in train for e in encode_records(clean_records(t, "train", what, train_limit), processor,
-                                                         t.name)]
+    leave_out = set(leave_out)
+    examples = [e for t in train for e in encode_records(
+        [r for r in clean_records(t, "train", what, train_limit) if r.source not in leave_out], processor, t.name)]
     left = Collator(processor, media, left_pad=True)
 
     def scores() -> dict[str, float]:

@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--align-epochs", type=int)
     pt.add_argument("--instruct", metavar="TASKS",
                     help="instead of pre-training: instruction-tune --base jointly on these world tasks (comma list, "
-                    "e.g. image_cap,image_qa; P3's multi-task instruction-tuned base), language skills mixed in")
+                    "e.g. image_cap,image_qa; P3's multi-task instruction-tuned base), language skills mixed in; their "
+                    "records that are test records of the world are left out and listed in pretrain.json")
     pt.add_argument("--base", help="the model directory --instruct starts from")
     pt.add_argument("--model", choices=("tiny", "small"), default="tiny",
                     help="tiny: build and pre-train the tiny model (default); small: LLaVA stage 1 for the prepared "

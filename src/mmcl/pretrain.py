@@ -6,7 +6,8 @@ as in Joulin et al. 2016, "Learning Visual Features from Large Weakly Supervised
 discarded. On the built-in world stage 0 draws new alignment images from the world's own generator at every step,
 as CLIP sees each of its web images about once (on the world's 4,800 files the tower memorises them and tells
 held-out shapes apart 73 % of the time; on new draws 91 %, docs/world.md); a draw whose pixels equal a test image of
-the world is skipped. Then, as in the LLaVA recipe seen as continual learning (P1): (1) the language model learns the
+the world is skipped (and an alignment or instruction record equal to a test record of the world is left out,
+`leave_out_tests`). Then, as in the LLaVA recipe seen as continual learning (P1): (1) the language model learns the
 world's language skills (text only); (2) vision-language alignment on image captions (LLaVA stage 1). Unlike a real LLM,
 the tiny language model has never seen caption language, so stage 2 trains the projector and the language model
 together (the image tower stays frozen after stage 0, as CLIP is in LLaVA; the audio tower trains), with
@@ -32,7 +33,7 @@ from accelerate import Accelerator
 from mmcl.base_tuning import clean_records, save_base, tune_base
 from mmcl.config import TrainConfig
 from mmcl.data.batching import Collator, MediaLoader, encode_records
-from mmcl.data.records import load_task
+from mmcl.data.records import Task, load_task
 from mmcl.data.synth.world import FORMAT
 from mmcl.engine.train import fit
 from mmcl.eval.generate import evaluate_task
@@ -164,18 +165,43 @@ class GeneratedImages:
         return torch.stack(images), captions
 
 
+def leave_out_tests(world: Path, tasks: list[Task], what: str, log=print) -> list[dict]:
+    """The train records of `tasks` that are a test record of some task of `world` or of `tasks` (same normalised
+    prompt and media, `mmcl.data.overlap`): a base trained on one would start a stream having seen a record it is
+    scored on. Each as {"train": file:line, "test": task/id}, logged; the caller leaves them out. The language
+    skills are not checked: their test questions are their training questions by design (docs/world.md)."""
+    from mmcl.data.overlap import ExtraData, find_overlaps, index_tests, normalise_prompt
+    from mmcl.data.synth.world import task_dirs
+
+    tests = {}
+    for task in [load_task(d) for d in task_dirs(world)] + list(tasks):
+        if "test" in task.splits and task.name not in tests:
+            tests[task.name] = clean_records(task, "test", what)
+    train = [ExtraData(r.source, (normalise_prompt(r.conversations),), (dict(r.media),), (r.source,))
+             for t in tasks for r in clean_records(t, "train", what)]
+    found = find_overlaps(index_tests(tests.items()), train)
+    left_out = [{"train": o.source_at, "test": f"{o.task}/{o.record_id}"} for o in found]
+    if left_out:
+        log(f"{what}: left out {len(left_out)} training record(s) that are test records of the world (same prompt "
+            "and media), listed in pretrain.json:\n" + "\n".join(f"  {o['train']} = {o['test']}" for o in left_out))
+    return left_out
+
+
 def instruction_tune(base: Path, world: Path, out: Path, tasks: list[str], cfg: TrainConfig | None = None, *,
                      seed: int = 0, progress: bool = True, log=print) -> Path:
     """P3's multi-task instruction-tuned base (InstructBLIP vs BLIP-2): `base` trained jointly on the world tasks
-    `tasks` (which must not be the stream's), with the language skills mixed in as in alignment, saved to `out`."""
+    `tasks` (which must not be the stream's), with the language skills mixed in as in alignment, saved to `out`.
+    Records of `tasks` that are test records of the world are left out (listed in pretrain.json's `left_out`)."""
     cfg = cfg or TrainConfig(epochs=2, batch_size=32, lr=5e-4, warmup_ratio=0.05)
     world = Path(world)
     index = json.loads((world / "world.json").read_text())
     chosen = [load_task(world / "tasks" / t) for t in tasks]
     trained = chosen + [load_task(world / p) for p in index["pretrain"]["text"]]
+    left_out = leave_out_tests(world, chosen, "instruction-tuning data", log)
     info = tune_base(base, trained, trained, out, cfg, parts=["projectors", "language_model"],
-                     info={"instruct_tasks": tasks}, what="instruction-tuning data", label="instruct", seed=seed,
-                     eval_batch_size=128, progress=progress, log=log)
+                     info={"instruct_tasks": tasks, "left_out": left_out}, what="instruction-tuning data",
+                     label="instruct", seed=seed, eval_batch_size=128, leave_out={o["train"] for o in left_out},
+                     progress=progress, log=log)
     log("instruction-tuned base scores: " + ", ".join(f"{k} {v:.1f}" for k, v in info["scores"].items()))
     return Path(out)
 
@@ -198,9 +224,14 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     collate = Collator(processor, media)
     text_tasks = [load_task(world / p) for p in index["pretrain"]["text"]]
     align_tasks = [load_task(world / p) for p in index["pretrain"]["align"]]
+    left_out = leave_out_tests(world, align_tasks, _DATA, log)
+    seen_by_tests = {o["train"] for o in left_out}
+
+    def align_records(t: Task):
+        return [r for r in clean_records(t, "train", _DATA) if r.source not in seen_by_tests]
 
     if cfg.vision_steps and "image" in model.encoders:
-        captioned = [r for t in align_tasks for r in clean_records(t, "train", _DATA) if "image" in r.media]
+        captioned = [r for t in align_tasks for r in align_records(t) if "image" in r.media]
         words = sorted({w for r in captioned for w in r.answer.lower().split()})
         if cfg.vision_source == "generate" and index.get("format") == FORMAT:
             draw = GeneratedImages(world, index, model.modalities["image"], cfg.seed)
@@ -228,7 +259,7 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
     if cfg.vision_steps and "image" in model.encoders:
         for p in model.encoders["image"].parameters():
             p.requires_grad_(False)
-    align = [e for t in align_tasks for e in encode_records(clean_records(t, "train", _DATA), processor, t.name)] + text
+    align = [e for t in align_tasks for e in encode_records(align_records(t), processor, t.name)] + text
     log(f"pretrain 2/2: vision-language alignment on {len(align) - len(text)} captions (+ language skills)")
     r2 = fit(model, align, collate, cfg.align, accelerator, seed=cfg.seed + 1, label="align", progress=progress)
 
@@ -246,6 +277,7 @@ def pretrain(world: Path, out: Path, cfg: PretrainConfig | None = None, *, progr
         "base_recipe": BASE_RECIPE,
         "config": asdict(cfg),
         "scores": scores,
+        "left_out": left_out,
         "steps": {"language": r1.steps, "align": r2.steps},
         "final_loss": {"language": r1.losses[-1], "align": r2.losses[-1]},
         "time_s": round(time.perf_counter() - t0, 1),

@@ -130,13 +130,18 @@ class MediaIdentity:
         return tuple(sorted((m, self.digest(p)) for m, p in media.items()))
 
 
+def index_tests(tests: Iterable[tuple[str, Iterable[Record]]]) -> dict[str, list[_Evaluated]]:
+    """Normalised prompt -> the evaluated records with that prompt, from (task name, test records) pairs."""
+    index: dict[str, list[_Evaluated]] = {}
+    for name, recs in tests:
+        for r in recs:
+            index.setdefault(normalise_prompt(r.conversations), []).append(_Evaluated(name, "test", r))
+    return index
+
+
 def evaluated_records(stream: Stream, records: dict[str, dict[str, list[Record]]]) -> dict[str, list[_Evaluated]]:
     """Normalised prompt -> the evaluated records with that prompt (test split of every task and retention task)."""
-    index: dict[str, list[_Evaluated]] = {}
-    for task in stream.all_tasks:
-        for r in records.get(task.name, {}).get("test", []):
-            index.setdefault(normalise_prompt(r.conversations), []).append(_Evaluated(task.name, "test", r))
-    return index
+    return index_tests((t.name, records.get(t.name, {}).get("test", [])) for t in stream.all_tasks)
 
 
 def find_overlaps(index: dict[str, list[_Evaluated]], extra: Iterable[ExtraData],
