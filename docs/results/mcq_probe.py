@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python docs/results/mcq_probe.py [--seeds 0,1]
 
-Two measurements on the built-in base (under $MMCL_HOME, made on first use as `mmcl demo` does):
+Measurements on the built-in base (under $MMCL_HOME, made on first use as `mmcl demo` does):
 1. The world's `mcq` task fine-tuned alone from the base (the image stream's recipe, as `ceilings.py` does) with its
    answer written five ways: the option's letter (as the world ships it), the letter with four times the steps, the
    option's text, options listed as "circle (B)" answered the same way (so the letter follows a copy of the
@@ -17,6 +17,12 @@ Two measurements on the built-in base (under $MMCL_HOME, made on first use as `m
 4. Image lookup: the base's projectors and language model trained alone on a colour multiple choice ("Which colour
    is shown?" over four lettered colours, one shape of that colour; the same records and steps as 2, test images
    disjoint), scored on its own test set, then the world's `mcq` (letters) fine-tuned alone from that model.
+5. Image prefix: the text lookup of 2 with an unrelated image (one shape) before each question, projectors and
+   language model trained as in 4: whether an image in the context alone stops the lookup being learned.
+   `image_prefix_scaled`: the same from a copy of the base whose image tokens are scaled to norm 1 (the base's are
+   about 20 times a text token embedding's norm), to see whether their size is what gets in the way;
+   `text_prefix`: the text lookup of 2 after 64 random digits instead (as many tokens as an image), to see whether
+   the distance alone does.
 
 `--parts` chooses which to run (default all; 3 needs 2); the results are merged into the JSON file.
 """
@@ -86,8 +92,9 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def lookup_task(out: Path, n_train: int, seed: int = 0) -> Path:
-    """A text-only task: which of four lettered words is the one the question names; test prompts never in train."""
+def lookup_task(out: Path, n_train: int, seed: int = 0, filler: int = 0) -> Path:
+    """A text-only task: which of four lettered words is the one the question names; test prompts never in train.
+    `filler` random digits (one token each with the space before them) go first, as long as an image's tokens."""
     from mmcl.data.synth.text_tasks import ORDER_WORDS
 
     def prompt(rng: random.Random) -> tuple[str, str]:
@@ -96,7 +103,9 @@ def lookup_task(out: Path, n_train: int, seed: int = 0) -> Path:
         pos = rng.randrange(4)
         options.insert(pos, gold)
         lines = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(options))
-        return f"Which option is the word {gold}?\n{lines}\nAnswer with {LETTER_TAIL}.", LETTERS[pos]
+        digits = " ".join(str(rng.randrange(10)) for _ in range(filler))
+        return f"{digits + chr(10) if filler else ''}Which option is the word {gold}?\n{lines}\nAnswer with " \
+            f"{LETTER_TAIL}.", LETTERS[pos]
 
     rng = random.Random(f"mcq-probe/lookup/{seed}")
     train = [prompt(rng) for _ in range(n_train)]
@@ -143,6 +152,59 @@ def colour_task(out: Path, n_train: int, seed: int = 0) -> Path:
     return out / _write_task(out, spec, spec, n_train, 200, seed, 64, tqdm(disable=True))
 
 
+def prefix_task(out: Path, n_train: int, seed: int = 0) -> Path:
+    """The text lookup of `lookup_task` with an unrelated image before the question (one shape, any colour): does
+    the image's presence alone stop the model from learning to point at an option?"""
+    from tqdm import tqdm
+
+    from mmcl.data.synth.image_tasks import COLOUR_NAMES, _single_shape
+    from mmcl.data.synth.shapes import SHAPES
+    from mmcl.data.synth.spec import Sample, TaskSpec, balanced
+    from mmcl.data.synth.text_tasks import ORDER_WORDS
+    from mmcl.data.synth.world import _write_task
+
+    def generate(rng: random.Random, n: int, size: int):
+        for pos in balanced(rng, range(4), n):
+            gold = rng.choice(ORDER_WORDS)
+            options = rng.sample([w for w in ORDER_WORDS if w != gold], 3)
+            options.insert(pos, gold)
+            lines = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(options))
+            img = _single_shape(rng, size, rng.choice(SHAPES), rng.choice(COLOUR_NAMES))
+            yield Sample(f"Which option is the word {gold}?\n{lines}\nAnswer with {LETTER_TAIL}.", LETTERS[pos],
+                         [LETTERS[pos]], img)
+
+    spec = TaskSpec("prefix_lookup", "image", "mcq", "option_letter", "The text lookup after an unrelated image.",
+                    generate)
+    return out / _write_task(out, spec, spec, n_train, 200, seed, 64, tqdm(disable=True))
+
+
+def scaled_base(base: Path, out: Path, norm: float = 1.0) -> tuple[Path, float]:
+    """A copy of `base` whose image projector's last layer is scaled so that its image tokens have mean norm `norm`
+    on the world's mcq images (the base's are about 20 times a text token embedding's). Returns the copy and the
+    factor."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mmcl.builtin import builtin_world
+    from mmcl.data.batching import MediaLoader
+    from mmcl.models.builder import load_model
+    from mmcl.models.composition import composition_processor
+
+    model, tokenizer = load_model(base)
+    media = MediaLoader(composition_processor(model, tokenizer))
+    images = sorted((builtin_world(progress=False) / "tasks" / "mcq" / "images").glob("*.png"))[:64]
+    with torch.no_grad():
+        tokens = model.encode("image", torch.stack([media("image", p).inputs["values"] for p in images]))
+    factor = norm / float(tokens.norm(dim=-1).mean())
+    shutil.copytree(base, out)
+    weights = load_file(str(out / "projectors.safetensors"))
+    last = max(k.split(".")[1] for k in weights if k.startswith("image.") and k.count(".") == 2)
+    for k in (f"image.{last}.weight", f"image.{last}.bias"):
+        weights[k] = weights[k] * factor
+    save_file(weights, str(out / "projectors.safetensors"))
+    return out, factor
+
+
 def _tuned(base: Path, task, out: Path, args, parts: list[str]) -> dict:
     """Train `parts` of the base on `task` alone (the lookup recipe) and score its test split before and after."""
     from mmcl.base_tuning import tune_base
@@ -162,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookup-records", type=int, default=3000)
     ap.add_argument("--lookup-epochs", type=int, default=10)
     ap.add_argument("--lookup-lr", type=float, default=1e-3)
-    ap.add_argument("--parts", default="formats,lookup,transfer,image_lookup", help="which measurements (default all)")
+    ap.add_argument("--parts", default="formats,lookup,transfer,image_lookup,image_prefix,image_prefix_scaled,text_prefix",
+                    help="which measurements (default all)")
     ap.add_argument("--formats", default=",".join(VARIANTS), help="answer formats of part 1 (default all)")
     ap.add_argument("--transfer-formats", default="letter,name_then_letter", help="answer formats of part 3")
     ap.add_argument("--out", default=str(ROOT / "docs/results/mcq_probe.json"))
@@ -211,6 +274,22 @@ def main(argv: list[str] | None = None) -> int:
                       for s in seeds]
             doc["image_lookup"]["mcq_letter_after"] = {"seeds": seeds, "scores": scores}
             print(f"image lookup: {doc['image_lookup']}", flush=True)
+        if "image_prefix" in parts:
+            task = load_task(prefix_task(Path(tmp) / "prefix", args.lookup_records))
+            doc["image_prefix_lookup"] = _tuned(base, task, Path(tmp) / "prefix-model", args,
+                                                ["projectors", "language_model"])
+            print(f"text lookup after an unrelated image: {doc['image_prefix_lookup']}", flush=True)
+        if "text_prefix" in parts:
+            task = load_task(lookup_task(Path(tmp) / "filler", args.lookup_records, filler=64))
+            doc["text_prefix_lookup"] = {"filler_digits": 64, **_tuned(base, task, Path(tmp) / "filler-model", args,
+                                                                       ["language_model"])}
+            print(f"text lookup after 64 random digits: {doc['text_prefix_lookup']}", flush=True)
+        if "image_prefix_scaled" in parts:
+            task = load_task(prefix_task(Path(tmp) / "prefix-s", args.lookup_records))
+            scaled, factor = scaled_base(base, Path(tmp) / "scaled-base")
+            doc["image_prefix_lookup_scaled"] = {"projector_scale": round(factor, 4), **_tuned(
+                scaled, task, Path(tmp) / "prefix-s-model", args, ["projectors", "language_model"])}
+            print(f"the same from image tokens of norm 1: {doc['image_prefix_lookup_scaled']}", flush=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
