@@ -92,3 +92,21 @@ def test_sigterm_to_a_launched_run_checkpoints_on_every_rank_and_resumes_to_the_
     full = loop.run(load_config(None, micro_overrides("full", tasks=1, **over)), **QUIET)
     worst, share = weight_gap(tensors_of(latest(full))["model"], tensors_of(latest(run_dir))["model"])
     assert worst <= DDP_ATOL and share <= DDP_SHARE, f"stopped at {stopped.name}, resumed: {worst:.2e}, {share:.2%}"
+
+
+def test_a_command_that_ends_normally_leaves_the_process_group(capsys):
+    """Under a launcher the CLI destroys the process group itself once the command is done, so gloo's threads do not
+    outlive the interpreter (which aborted a launched rank at exit on a loaded machine); an error leaves it alone
+    (another rank may still be in a collective)."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert main(["list", "strategies"]) == 0 and not dist.is_initialized()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        assert main(["metrics", "no-such-matrix.json"]) == 2 and dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert "sequential" in capsys.readouterr().out

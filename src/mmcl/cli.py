@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmcl.models.base import ModelLoadError
 
     try:
-        return args.func(args)
+        code = args.func(args)
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
@@ -256,6 +256,19 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    """After a command that ended normally under torchrun / `accelerate launch`, tear the process group down before
+    the interpreter does: gloo's threads outliving it abort the process at exit ("terminate called without an
+    active exception", pytorch/pytorch#190489), more often on a loaded machine. Not after an error, when another
+    rank may still be inside a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
