@@ -128,54 +128,48 @@ def lookup_task(out: Path, n_train: int, seed: int = 0, filler: int = 0) -> Path
     return out
 
 
-def colour_task(out: Path, n_train: int, seed: int = 0) -> Path:
-    """An image task: which of four lettered colours is the shape's; written as the world writes its tasks (so no
-    test record repeats a train record)."""
+def _lettered_image_task(out: Path, n_train: int, name: str, description: str, words, question, paint,
+                         seed: int = 0) -> Path:
+    """An image task over four lettered `words` (gold balanced over A-D), one shape per image coloured
+    `paint(rng, gold)`, asked `question(gold)`; written as the world writes its tasks (so no test record repeats a
+    train record)."""
     from tqdm import tqdm
 
-    from mmcl.data.synth.image_tasks import COLOUR_NAMES, _single_shape
+    from mmcl.data.synth.image_tasks import _single_shape
     from mmcl.data.synth.shapes import SHAPES
     from mmcl.data.synth.spec import Sample, TaskSpec, balanced
     from mmcl.data.synth.world import _write_task
 
     def generate(rng: random.Random, n: int, size: int):
         for pos in balanced(rng, range(4), n):
-            colour = rng.choice(COLOUR_NAMES)
-            options = rng.sample([c for c in COLOUR_NAMES if c != colour], 3)
-            options.insert(pos, colour)
-            lines = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(options))
-            img = _single_shape(rng, size, rng.choice(SHAPES), colour)
-            prompt = f"Which colour is shown?\n{lines}\nAnswer with {LETTER_TAIL}."
-            yield Sample(prompt, LETTERS[pos], [LETTERS[pos]], img)
+            gold = rng.choice(words)
+            options = rng.sample([w for w in words if w != gold], 3)
+            options.insert(pos, gold)
+            lines = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(options))
+            img = _single_shape(rng, size, rng.choice(SHAPES), paint(rng, gold))
+            yield Sample(f"{question(gold)}\n{lines}\nAnswer with {LETTER_TAIL}.", LETTERS[pos], [LETTERS[pos]], img)
 
-    spec = TaskSpec("colour_mcq", "image", "mcq", "option_letter", "Which of four lettered colours is shown.", generate)
+    spec = TaskSpec(name, "image", "mcq", "option_letter", description, generate)
     return out / _write_task(out, spec, spec, n_train, 200, seed, 64, tqdm(disable=True))
+
+
+def colour_task(out: Path, n_train: int, seed: int = 0) -> Path:
+    """Which of four lettered colours is the shape's."""
+    from mmcl.data.synth.image_tasks import COLOUR_NAMES
+
+    return _lettered_image_task(out, n_train, "colour_mcq", "Which of four lettered colours is shown.", COLOUR_NAMES,
+                                lambda gold: "Which colour is shown?", lambda rng, gold: gold, seed)
 
 
 def prefix_task(out: Path, n_train: int, seed: int = 0) -> Path:
     """The text lookup of `lookup_task` with an unrelated image before the question (one shape, any colour): does
     the image's presence alone stop the model from learning to point at an option?"""
-    from tqdm import tqdm
-
-    from mmcl.data.synth.image_tasks import COLOUR_NAMES, _single_shape
-    from mmcl.data.synth.shapes import SHAPES
-    from mmcl.data.synth.spec import Sample, TaskSpec, balanced
+    from mmcl.data.synth.image_tasks import COLOUR_NAMES
     from mmcl.data.synth.text_tasks import ORDER_WORDS
-    from mmcl.data.synth.world import _write_task
 
-    def generate(rng: random.Random, n: int, size: int):
-        for pos in balanced(rng, range(4), n):
-            gold = rng.choice(ORDER_WORDS)
-            options = rng.sample([w for w in ORDER_WORDS if w != gold], 3)
-            options.insert(pos, gold)
-            lines = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(options))
-            img = _single_shape(rng, size, rng.choice(SHAPES), rng.choice(COLOUR_NAMES))
-            yield Sample(f"Which option is the word {gold}?\n{lines}\nAnswer with {LETTER_TAIL}.", LETTERS[pos],
-                         [LETTERS[pos]], img)
-
-    spec = TaskSpec("prefix_lookup", "image", "mcq", "option_letter", "The text lookup after an unrelated image.",
-                    generate)
-    return out / _write_task(out, spec, spec, n_train, 200, seed, 64, tqdm(disable=True))
+    return _lettered_image_task(out, n_train, "prefix_lookup", "The text lookup after an unrelated image.",
+                                ORDER_WORDS, lambda gold: f"Which option is the word {gold}?",
+                                lambda rng, gold: rng.choice(COLOUR_NAMES), seed)
 
 
 def scaled_base(base: Path, out: Path, norm: float = 1.0) -> tuple[Path, float]:

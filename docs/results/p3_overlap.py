@@ -1,6 +1,8 @@
 """Does the instruction-tuned base of RESULTS' P3 section train on anything the stream scores? Compares every
 train record of the instruction tasks (image_cap, image_qa) with every test record of the image stream (same image
-bytes; same image bytes and prompt) on the built-in world; writes docs/results/p3_overlap.json.
+bytes; same image bytes and prompt) on the built-in world; writes docs/results/p3_overlap.json. The records it
+finds with the same image and prompt are what `mmcl pretrain --instruct` leaves out (`left_out` in the base's
+pretrain.json); a shared image under another prompt is not a shared record, and is only reported here.
 
     HF_HUB_OFFLINE=1 .venv/bin/python docs/results/p3_overlap.py
 """
