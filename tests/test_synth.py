@@ -13,7 +13,7 @@ from PIL import Image
 
 from mmcl.data.synth import WorldSizes, world_texts, write_world
 from mmcl.data.synth.shapes import BACKGROUNDS
-from mmcl.data.synth.text_tasks import knowledge_base
+from mmcl.data.synth.text_tasks import FACT_TEMPLATES, knowledge_base
 
 SMALL = WorldSizes(train=8, test=8, lang_train=12, align=6, image_size=32)
 STREAM = ["color_qa", "shape_cls", "count", "ocr", "mcq", "grounding", "caption"]
@@ -64,7 +64,7 @@ def test_different_seed_differs(world: Path, tmp_path: Path) -> None:
 
 def test_world_json_and_stream(world: Path) -> None:
     meta = json.loads((world / "world.json").read_text(encoding="utf-8"))
-    assert meta["format"] == "mmcl-world" and (meta["version"], meta["data_version"], meta["seed"]) == (4, 3, 3)
+    assert meta["format"] == "mmcl-world" and (meta["version"], meta["data_version"], meta["seed"]) == (5, 4, 3)
     assert meta["sizes"] == {"train": 8, "test": 8, "lang_train": 12, "align": 6, "image_size": 32}
     assert meta["pretrain"] == {"text": [f"tasks/{t}" for t in RETENTION],
                                 "align": ["tasks/align", "tasks/align_audio", "tasks/align_video"]}
@@ -117,7 +117,8 @@ def test_records(world: Path, task: str) -> None:
             assert (human["from"], gpt["from"]) == ("human", "gpt")
             assert human["value"] and gpt["value"]
             assert rec["answers"] and all(isinstance(a, str) and a for a in rec["answers"])
-            assert gpt["value"] == rec["answers"][0]
+            if task != "mcq":  # mcq: the answer is the option's text, the reference its letter (tested below)
+                assert gpt["value"] == rec["answers"][0]
             texts = human["value"] + gpt["value"] + " ".join(rec["answers"])
             if is_text:
                 assert "<image>" not in texts
@@ -151,14 +152,16 @@ def test_grounding_boxes_match_drawn_shape(world: Path) -> None:
             assert _iou(box, true) >= 0.7, (rec["id"], box, true)
 
 
-def test_mcq_gold_letters_cover_all_options(world: Path) -> None:
+def test_mcq_answers_the_gold_options_text_and_gold_letters_cover_all_options(world: Path) -> None:
+    """The trained answer is the gold option's text, the reference its letter; gold letters cover A-D."""
     for split in ("train", "test"):
         letters = set()
         for rec in _records(world, "mcq", split):
-            gold = rec["conversations"][1]["value"]
+            (gold,) = rec["answers"]
             options = re.findall(r"^([A-D])\. (\w+)$", rec["conversations"][0]["value"], flags=re.M)
             assert [o[0] for o in options] == list("ABCD")
             assert len({o[1] for o in options}) == 4
+            assert rec["conversations"][1]["value"] == dict(options)[gold]
             letters.add(gold)
         assert letters == set("ABCD")
 
@@ -172,12 +175,12 @@ def test_language_answers_are_correct(world: Path) -> None:
         words = rec["conversations"][0]["value"].removeprefix("Reverse the words: ").split()
         assert 2 <= len(words) <= 4 and rec["conversations"][1]["value"] == " ".join(reversed(words))
     kb = knowledge_base(3)
-    train_q = {r["conversations"][0]["value"] for r in _records(world, "lang_facts", "train")}
-    for rec in _records(world, "lang_facts", "test"):
-        question = rec["conversations"][0]["value"]
-        assert question not in train_q
-        name = re.search(r"a (\w+)( have)?\?$", question).group(1)
-        assert rec["conversations"][1]["value"] in kb[name].values()
+    # question -> (phrasing, its true answer); training asks both phrasings, the test the second
+    truth = {t[k].format(name=n): (k, kb[n][a]) for a, t in FACT_TEMPLATES.items() for n in kb for k in (0, 1)}
+    for split, phrasings in (("train", {0, 1}), ("test", {1})):
+        records = _records(world, "lang_facts", split)
+        assert {truth[r["conversations"][0]["value"]][0] for r in records} == phrasings
+        assert all(r["conversations"][1]["value"] == truth[r["conversations"][0]["value"]][1] for r in records)
 
 
 def test_knowledge_base_depends_on_seed() -> None:

@@ -44,6 +44,9 @@ from ceilings import ceiling  # noqa: E402
 
 LETTERS = "ABCD"
 LETTER_TAIL = "the option's letter from the given choices directly"
+TEXT_TAIL = "the option's text from the given choices directly"
+"""World data 4 asks for the option's text (data 3, where this probe was run, for its letter); every variant starts
+from the letter form."""
 OPTION = re.compile(r"^([A-D])\. (\w+)$", re.M)
 
 
@@ -78,7 +81,7 @@ def write_variant(src: Path, dst: Path, rewrite) -> Path:
         with open(src / f"{split}.jsonl") as fin, open(dst / f"{split}.jsonl", "w") as fout:
             for line in fin:
                 r = json.loads(line)
-                prompt, gold = r["conversations"][0]["value"], r["answers"][0]
+                prompt, gold = r["conversations"][0]["value"].replace(TEXT_TAIL, LETTER_TAIL), r["answers"][0]
                 prompt, answer = rewrite(prompt, gold, dict(OPTION.findall(prompt)))
                 r["conversations"][0]["value"], r["conversations"][1]["value"] = prompt, answer
                 fout.write(json.dumps(r) + "\n")

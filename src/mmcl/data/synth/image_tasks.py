@@ -99,15 +99,17 @@ def grounding(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
 
 
 def mcq(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
-    """ScienceQA-like: one shape and four lettered options; answer the letter (gold balanced over A-D)."""
+    """ScienceQA-like: one shape and four lettered options (gold balanced over A-D); answer with the option's text,
+    which `option_letter` scores like its letter. The 4-layer tiny LM does not learn to answer a seen shape by its
+    letter at any budget tried (chance, docs/results/mcq_probe.py); by its text it does (docs/world.md)."""
     for gold_pos in balanced(rng, range(4), n):
         kind = rng.choice(SHAPES)
         options = rng.sample([s for s in SHAPES if s != kind], 3)
         options.insert(gold_pos, kind)
         img = _single_shape(rng, size, kind, rng.choice(COLOUR_NAMES))
         lines = "\n".join(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options))
-        prompt = f"Which shape is shown?\n{lines}\nAnswer with the option's letter from the given choices directly."
-        yield Sample(prompt, LETTERS[gold_pos], [LETTERS[gold_pos]], img)
+        prompt = f"Which shape is shown?\n{lines}\nAnswer with the option's text from the given choices directly."
+        yield Sample(prompt, kind, [LETTERS[gold_pos]], img)
 
 
 def caption(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
@@ -189,8 +191,8 @@ STREAM_TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("count", "image", "qa", "vqa_accuracy", "How many shapes (1-4)? Answer a digit.", count),
     TaskSpec("ocr", "image", "qa", "exact_match", "What word is written in the image? A three- or four-letter word.",
              ocr),
-    TaskSpec("mcq", "image", "mcq", "option_letter", "Which shape is shown? Answer the letter of one of four options.",
-             mcq),
+    TaskSpec("mcq", "image", "mcq", "option_letter",
+             "Which shape is shown? Answer with the text of one of four lettered options.", mcq),
     TaskSpec("grounding", "image", "grounding", "box_iou",
              "Give the bounding box [x1, y1, x2, y2] (fractions, one decimal) of the described shape.", grounding),
     TaskSpec("caption", "image", "caption", "cider", "Describe the image briefly: shapes, colours, size, place.",

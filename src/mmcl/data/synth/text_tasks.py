@@ -17,7 +17,8 @@ _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("b", "g", "k", "m", "p", "t", "x", "lt", "nk", "rb", "mp", "sh")
 N_CREATURES = 30
 
-# Train and test ask the same facts with different templates: the skill is the memorised fact, not the wording.
+# Training asks every fact in both phrasings, the test in the second: a memorised skill, as arithmetic is. (World data
+# 3 tested a phrasing never trained, which a tiny LM cannot map to the trained one: 0-16 by pre-training seed.)
 FACT_TEMPLATES = {
     "food": ("What does a {name} eat?", "What is the food of a {name}?"),
     "colour": ("What colour is a {name}?", "Which colour does a {name} have?"),
@@ -61,16 +62,16 @@ def facts_generator(seed: int) -> tuple[TaskSpec, TaskSpec]:
     kb = knowledge_base(seed)
     facts = [(name, attr) for name in kb for attr in FACT_TEMPLATES]
 
-    def make(template_index: int):
+    def make(templates: tuple[int, ...]):
         def gen(rng: random.Random, n: int, size: int) -> Iterator[Sample]:
-            for name, attr in balanced(rng, facts, n):
+            for (name, attr), k in balanced(rng, [(f, k) for f in facts for k in templates], n):
                 answer = kb[name][attr]
-                yield Sample(FACT_TEMPLATES[attr][template_index].format(name=name), answer, [answer])
+                yield Sample(FACT_TEMPLATES[attr][k].format(name=name), answer, [answer])
         return gen
 
-    desc = "Facts of an invented knowledge base (food, colour, home of 30 creatures); test uses a second phrasing."
-    return (TaskSpec("lang_facts", "text", "qa", "exact_match", desc, make(0)),
-            TaskSpec("lang_facts", "text", "qa", "exact_match", desc, make(1)))
+    desc = "Facts of an invented knowledge base (food, colour, home of 30 creatures), trained in two phrasings."
+    return (TaskSpec("lang_facts", "text", "qa", "exact_match", desc, make((0, 1))),
+            TaskSpec("lang_facts", "text", "qa", "exact_match", desc, make((1,))))
 
 
 def text_tasks(seed: int) -> list[tuple[TaskSpec, TaskSpec]]:

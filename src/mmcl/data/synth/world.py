@@ -33,8 +33,9 @@ from .text_tasks import text_tasks
 from .video_tasks import VIDEO_ALIGN_TASK, VIDEO_TASKS
 
 FORMAT = "mmcl-world"
-VERSION = 4  # 2: audio and video tasks, the MICL streams; 3: 200 test records, richer alignment captions; 4: P1 stream
-DATA_VERSION = 3
+VERSION = 5  # 2: audio and video tasks, the MICL streams; 3: 200 test records, richer alignment captions; 4: P1 stream;
+# 5: mcq answered by the option's text, facts trained in both phrasings
+DATA_VERSION = 4
 """The version of the task data itself: a world that only gains a stream keeps it, and so does a base model
 pre-trained on it (`mmcl.builtin.builtin_model`)."""
 STREAM_DESCRIPTION = "Seven image instruction tasks in the spirit of CoIN; language skills as retention tasks."
@@ -135,7 +136,7 @@ def _write_task(root: Path, train: TaskSpec, test: TaskSpec, n_train: int, n_tes
         (task_dir / MEDIA_DIRS[train.modality]).mkdir()
     longest_train, train_prints = _write_split(task_dir, train, "train", n_train, seed, image_size, bar)
     # media tasks: a test record never repeats a train record; the language skills are memorised skills (all 155
-    # single-digit sums are in training), tested on the trained questions (facts: in a second phrasing)
+    # single-digit sums are in training), tested on the trained questions (facts: in the second of two phrasings)
     exclude = frozenset(train_prints) if train.modality in MEDIA_DIRS else frozenset()
     longest_test, _ = _write_split(task_dir, test, "test", n_test, seed, image_size, bar, exclude)
     longest = max(longest_train, longest_test)
