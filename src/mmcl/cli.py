@@ -185,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     pt = add("pretrain", "pre-train the tiny base model on a world (language skills, then alignment)", cmd_pretrain)
     pt.add_argument("--world", help="world directory (default: the built-in world)")
     pt.add_argument("--out", required=True, help="output model directory")
-    pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--language-epochs", type=int)
-    pt.add_argument("--align-epochs", type=int)
+    pt.add_argument("--seed", type=int, default=0,
+                    help="pre-training seed (default 0, the built-in base's); another seed is another base instance, "
+                    "whose single-task ceilings differ (docs/world.md)")
+    pt.add_argument("--language-epochs", type=int, help="stage-1 epochs on the language skills (default 16)")
+    pt.add_argument("--align-epochs", type=int, help="stage-2 (alignment) epochs (default 3)")
     pt.add_argument("--instruct", metavar="TASKS",
                     help="instead of pre-training: instruction-tune --base jointly on these world tasks (comma list, "
                     "e.g. image_cap,image_qa; P3's multi-task instruction-tuned base), language skills mixed in; their "
