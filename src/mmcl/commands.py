@@ -76,8 +76,8 @@ def demo_config(name: str, strategy: str, out: Path, quick: bool, stream: str = 
     from mmcl.config import load_config
 
     overrides = [f"name={name}", f"output_dir={out / name}", f"strategies=[{strategy}]", f"data.stream={stream}"]
-    if stream == "builtin:image":  # configs/image/base.yaml's lr: each task is learned in its few steps (docs/world.md)
-        overrides.append("train.lr=1e-3")
+    if stream == "builtin:image":  # configs/image/base.yaml's lr and batch: each task is learned in its few steps
+        overrides += ["train.lr=1e-3", "train.batch_size=8"]  # (docs/world.md)
     if quick:  # for tests and impatient people: fewer records and steps
         overrides += ["data.train_limit=48", "data.test_limit=16", "train.epochs=1"]
     cfg = load_config(None, overrides)
