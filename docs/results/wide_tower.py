@@ -25,8 +25,10 @@ from ceilings import ceiling, stream_tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOWERS = {"base": {}, "wide": {"vision_hidden": 96, "vision_layers": 3, "vision_lr": 3e-3},
-          "deep": {"vision_layers": 3}, "steps9k": {"vision_steps": 9000}, "steps12k": {"vision_steps": 12000}}
-"""Tower variants: TinySizes fields, plus PretrainConfig's vision_lr / vision_steps."""
+          "two_layers": {"vision_layers": 2}, "two_layers_steps9k": {"vision_layers": 2, "vision_steps": 9000},
+          "steps12k": {"vision_steps": 12000}}
+"""Tower variants: TinySizes fields, plus PretrainConfig's vision_lr / vision_steps. "base" is the current default
+(3 layers since base recipe 3; 2 in wide_tower.json, world data 3)."""
 
 
 def base_model(world: Path, out: Path, kind: str, seed: int) -> Path:

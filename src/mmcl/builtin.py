@@ -43,7 +43,7 @@ def builtin_model(*, progress: bool = True, log=print) -> Path:
                                 or not info.exists() or not is_current_base(json.loads(info.read_text())))
     if not index.exists() or stale:
         why = ": the cached one is from an older mmcl (another world or model)" if stale else ""
-        log(f"pre-training the tiny base model into {path} (once, about five minutes on a CPU){why}")
+        log(f"pre-training the tiny base model into {path} (once, about six minutes on a CPU){why}")
         pretrain(builtin_world(progress=progress, log=log), path, progress=progress, log=log)
     return path
 

@@ -45,7 +45,7 @@ _DATA = "pre-training data"
 BASE_RECIPE = 3
 """Version of the recipe below, saved in pretrain.json: a cached base model of another recipe is rebuilt
 (`mmcl.builtin.builtin_model`). 2: stage 0 on freshly drawn alignment images; 3: stage 1 16 epochs at lr 2e-3,
-stage 2 3 epochs."""
+stage 2 3 epochs, a 3-layer image tower (`TinySizes.vision_layers`)."""
 VISION_SOURCES = ("generate", "files")
 Draw = Callable[[int], tuple[torch.Tensor, list[str]]]
 """Stage 0's data: batch size -> (images as the tower's input, their captions)."""
@@ -70,8 +70,8 @@ class PretrainConfig:
     at 3e-3 leave some seeds on or near it (world data 4, seeds 0-3: final loss 0.18-1.36, arithmetic 17-78, word
     order 2-88); 16 at 2e-3 do not (0.015-0.08; 94-98, 99.5-100; docs/results/stage1_seeds.json)."""
     align: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=1e-3, warmup_ratio=0.05))
-    """Stage 2. The audio tower learns only here: at 2 epochs audio QA reached 50.0 / 48.5 from pre-training seeds 0 /
-    1, at 3 epochs 65.5 / 54.5 (docs/world.md, single-task ceilings)."""
+    """Stage 2. The audio tower learns only here: with the 2-layer image tower, audio QA reached 50.0 / 48.5 from
+    pre-training seeds 0 / 1 at 2 epochs, 65.5 / 54.5 at 3 (docs/world.md, single-task ceilings)."""
     eval_batch_size: int = 128
 
     def __post_init__(self) -> None:
