@@ -1,8 +1,9 @@
-"""Does another image tower lift the shape and count ceilings? Pre-trains the tiny base with its default tower (width
-64, 2 layers, stage-0 lr 4e-3, 6000 steps) and with variants (`TOWERS`: e.g. width 96 and 3 layers at lr 3e-3, the
-stage-0 probe's best in docs/world.md; or more stage-0 steps), each from several pre-training seeds, and fine-tunes
-the image tasks alone from every instance with the image stream's recipe (as `ceilings.py` does); writes
-docs/results/wide_tower.json (world data 3) or --out.
+"""Does another image tower lift the shape and count ceilings? Pre-trains the tiny base with its default tower
+(`TinySizes`: width 64, 3 layers since base recipe 3; stage-0 lr 4e-3, 6000 steps) and with variants (`TOWERS`:
+e.g. width 96 and 3 layers at lr 3e-3, the stage-0 probe's best in docs/world.md; 2 layers; more stage-0 steps),
+each from several pre-training seeds, and fine-tunes the image tasks alone from every instance with the image
+stream's recipe (as `ceilings.py` does); writes docs/results/tower_variants_v4.json or --out (wide_tower.json holds
+the same study on world data 3, made at commit 8ec824d).
 
     HF_HUB_OFFLINE=1 .venv/bin/python docs/results/wide_tower.py --work DIR [--towers base,wide] \
         [--pretrain-seeds 0,1] [--seeds 0,1] [--out FILE]
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-seeds", default="0,1")
     ap.add_argument("--seeds", default="0,1", help="fine-tuning seeds per instance")
     ap.add_argument("--tasks", default="shape_cls,count,grounding,ocr,color_qa")
-    ap.add_argument("--out", default=str(ROOT / "docs/results/wide_tower.json"))
+    ap.add_argument("--out", default=str(ROOT / "docs/results/tower_variants_v4.json"))
     args = ap.parse_args(argv)
     from mmcl.builtin import builtin_world
 
