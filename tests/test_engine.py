@@ -273,6 +273,17 @@ def test_demo_runs_both_strategies_and_prints_where_the_reports_are(stream, stra
     assert main(["demo", "--stream", stream, "--quick", "--out", str(out), "--no-progress"]) == 2  # not empty
 
 
+def test_image_demo_trains_with_the_image_recipes_epochs_batch_and_lr(tmp_path) -> None:
+    """`mmcl demo` cannot read configs/ (not installed with the package), so it repeats the image recipe's training
+    settings; this keeps the two in step (the single-task ceilings in docs/world.md are measured with the recipe)."""
+    from mmcl.commands import demo_config
+
+    recipe = load_config(Path(__file__).resolve().parents[1] / "configs/image/base.yaml", []).train
+    demo = demo_config("sequential", "sequential", tmp_path, quick=False).train
+    assert (demo.epochs, demo.batch_size, demo.lr, demo.schedule, demo.warmup_ratio) == \
+        (recipe.epochs, recipe.batch_size, recipe.lr, recipe.schedule, recipe.warmup_ratio)
+
+
 # -- early stopping ---------------------------------------------------------------------------------------------------
 
 
