@@ -64,7 +64,7 @@ def test_different_seed_differs(world: Path, tmp_path: Path) -> None:
 
 def test_world_json_and_stream(world: Path) -> None:
     meta = json.loads((world / "world.json").read_text(encoding="utf-8"))
-    assert meta["format"] == "mmcl-world" and (meta["version"], meta["data_version"], meta["seed"]) == (5, 4, 3)
+    assert meta["format"] == "mmcl-world" and (meta["version"], meta["data_version"], meta["seed"]) == (6, 5, 3)
     assert meta["sizes"] == {"train": 8, "test": 8, "lang_train": 12, "align": 6, "image_size": 32}
     assert meta["pretrain"] == {"text": [f"tasks/{t}" for t in RETENTION],
                                 "align": ["tasks/align", "tasks/align_audio", "tasks/align_video"]}
@@ -150,6 +150,19 @@ def test_grounding_boxes_match_drawn_shape(world: Path) -> None:
             size = SMALL.image_size
             true = [xs.min() / size, ys.min() / size, (xs.max() + 1) / size, (ys.max() + 1) / size]
             assert _iou(box, true) >= 0.7, (rec["id"], box, true)
+
+
+def test_shape_classes_are_drawn_65_to_90_percent_of_the_image_wide(world: Path) -> None:
+    bg = np.array(BACKGROUNDS)
+    size, widths = SMALL.image_size, []
+    for split in ("train", "test"):
+        for rec in _records(world, "shape_cls", split):
+            pix = np.asarray(Image.open(world / "tasks" / "shape_cls" / rec["image"]).convert("RGB"))
+            ys, xs = np.nonzero(~(pix[:, :, None, :] == bg[None, None]).all(-1).any(-1))
+            widths.append(max(xs.max() - xs.min(), ys.max() - ys.min()) + 1)
+    # box sides are drawn from round(0.65 * 32) = 21 to round(0.9 * 32) = 29 pixels; a shape fills its box
+    assert (size, min(widths) >= 21, max(widths) <= 29) == (32, True, True), (min(widths), max(widths))
+    assert max(widths) - min(widths) >= 4  # sizes still vary
 
 
 def test_mcq_answers_the_gold_options_text_and_gold_letters_cover_all_options(world: Path) -> None:

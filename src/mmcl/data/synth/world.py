@@ -33,9 +33,9 @@ from .text_tasks import text_tasks
 from .video_tasks import VIDEO_ALIGN_TASK, VIDEO_TASKS
 
 FORMAT = "mmcl-world"
-VERSION = 5  # 2: audio and video tasks, the MICL streams; 3: 200 test records, richer alignment captions; 4: P1 stream;
-# 5: mcq answered by the option's text, facts trained in both phrasings
-DATA_VERSION = 4
+VERSION = 6  # 2: audio and video tasks, the MICL streams; 3: 200 test records, richer alignment captions; 4: P1 stream;
+# 5: mcq answered by the option's text, facts trained in both phrasings; 6: shape_cls draws larger shapes
+DATA_VERSION = 5
 """The version of the task data itself: a world that only gains a stream keeps it, and so does a base model
 pre-trained on it (`mmcl.builtin.builtin_model`)."""
 STREAM_DESCRIPTION = "Seven image instruction tasks in the spirit of CoIN; language skills as retention tasks."
