@@ -43,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     world = Path(args.world)
     stream, task_dir = stream_tasks(world)["shape_cls"]
-    images = {json.loads(line)["id"]: task_dir / json.loads(line)["image"]
-              for line in (task_dir / "test.jsonl").read_text().splitlines()}
-    widths = {i: shape_width(p) for i, p in images.items()}
+    records = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()]
+    widths = {r["id"]: shape_width(task_dir / r["image"]) for r in records}
     bins: dict[int, list[int]] = {}
     confusions: Counter = Counter()
     scores: dict[str, list[float]] = {}
