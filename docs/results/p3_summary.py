@@ -37,6 +37,12 @@ def cell(values: list[float]) -> str:
     return f"{m:.1f} ± {h:.1f}"
 
 
+def delta_cell(values: list[float]) -> str:
+    """A paired difference: mean ± t-interval half-width, marked * when the interval excludes 0."""
+    m, h = interval(values)
+    return f"{m:+.1f} ± {h:.1f}" + (" *" if abs(m) > h else "")
+
+
 def metric_or_none(run: Path, key: str) -> float | None:
     v = json.loads((run / "metrics.json").read_text())[key]
     v = v["mean"] if isinstance(v, dict) else v
@@ -102,10 +108,8 @@ def tir_table(comparison: Path) -> str:
             a, b = runs.get(f"tir_{base}{lam}"), runs.get(f"{base}{lam}")
             if not a or not b:
                 continue
-            cells = []
-            for key in ("final_average_accuracy", "forgetting"):
-                m, h = interval([metric(a[s], key) - metric(b[s], key) for s in sorted(a) if s in b])
-                cells.append(f"{m:+.1f} ± {h:.1f}" + (" *" if abs(m) > h else ""))
+            cells = [delta_cell([metric(a[s], key) - metric(b[s], key) for s in sorted(a) if s in b])
+                     for key in ("final_average_accuracy", "forgetting")]
             lines.append(f"| tir_{base}{lam} − {base}{lam} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -148,14 +152,12 @@ def gate_table(pretrained: Path, instructed: Path, order: list[str]) -> str:
             "Δ forgetting, pretrained", "Δ forgetting, instructed", "instructed − pretrained"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for name in [m for m in order if m != "sequential" and m in pre and m in ins]:
+        seeds = [s for s in sorted(pre[name]) if s in ins[name] and s in pre["sequential"] and s in ins["sequential"]]
         cells = []
         for key in ("final_average_accuracy", "forgetting"):
-            seeds = [s for s in sorted(pre[name]) if s in ins[name] and s in pre["sequential"] and s in ins["sequential"]]
             d_pre = [metric(pre[name][s], key) - metric(pre["sequential"][s], key) for s in seeds]
             d_ins = [metric(ins[name][s], key) - metric(ins["sequential"][s], key) for s in seeds]
-            for values in (d_pre, d_ins, [b - a for a, b in zip(d_pre, d_ins)]):
-                m, h = interval(values)
-                cells.append(f"{m:+.1f} ± {h:.1f}" + (" *" if abs(m) > h else ""))
+            cells += [delta_cell(v) for v in (d_pre, d_ins, [b - a for a, b in zip(d_pre, d_ins)])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
