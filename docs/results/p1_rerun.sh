@@ -5,7 +5,8 @@
 # OUT/.claims (mkdir is atomic); mmcl skips completed runs and resumes an interrupted one from its last checkpoint, so
 # the script can simply be started again after an interruption.
 #
-#     bash docs/results/p1_rerun.sh [OUT]        # OUT defaults to runs/p1; about 6 hours on 2 idle cores
+#     bash docs/results/p1_rerun.sh [OUT]        # OUT defaults to runs/p1; about 5 hours on 2 idle cores
+#                                                # (a run takes 18-42 min on one core of a 2-core Intel Xeon)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/p1}
