@@ -393,9 +393,10 @@ def word_processor() -> Processor:
 
 
 def sigterm_at_first_mid_task_checkpoint(command: list[str], run_dir: Path, env: dict, timeout: float = 120,
-                                         poll: float = 0.02) -> tuple[int, str, str]:
+                                         poll: float = 0.02, target=None) -> tuple[int, str, str]:
     """Start `command`, send SIGTERM as soon as its run directory holds a mid-task checkpoint, and return (exit
-    code, stdout, stderr); the process is killed if it outlives the test."""
+    code, stdout, stderr); the process is killed if it outlives the test. `target(pid)` picks another process to
+    signal (one rank of a launched run) instead of the started one."""
     import subprocess
     import time
 
@@ -405,7 +406,7 @@ def sigterm_at_first_mid_task_checkpoint(command: list[str], run_dir: Path, env:
         while not list((run_dir / "checkpoints").glob("*-step-*")) and proc.poll() is None:
             assert time.monotonic() < deadline, "no mid-task checkpoint appeared"
             time.sleep(poll)
-        proc.send_signal(signal.SIGTERM)
+        os.kill(target(proc.pid) if target else proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:

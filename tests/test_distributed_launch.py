@@ -68,19 +68,48 @@ def test_accelerate_config_launches_two_processes_that_train_like_one(micro_over
     assert worst <= DDP_ATOL and share <= DDP_SHARE, f"accelerate launch vs 1 process: {worst:.2e}, {share:.2%} moved"
 
 
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of the launched process with LOCAL_RANK=`rank` among `launcher`'s descendants (Linux /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, seen = [launcher], []
+    while todo:
+        for child in children.get(todo.pop(), []):
+            seen.append(child)
+            todo.append(child)
+    for pid in seen:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no process with LOCAL_RANK={rank} under {launcher}")
+
+
 @pytest.mark.slow
-def test_sigterm_to_a_launched_run_checkpoints_on_every_rank_and_resumes_to_the_same_weights(micro_overrides,
+@pytest.mark.parametrize("receiver", ["launcher", "rank 1 only"])
+def test_sigterm_to_a_launched_run_checkpoints_on_every_rank_and_resumes_to_the_same_weights(receiver, micro_overrides,
                                                                                            monkeypatch, tmp_path):
     """`--accelerate-config` hands the process over to Accelerate's launcher, so a scheduler's SIGTERM reaches the
-    launcher, which passes it to both ranks: they finish the step, write one complete checkpoint and stop (each rank
-    exits 143, the launcher 1); resuming ends with the weights of an uninterrupted run."""
+    launcher, which passes it to both ranks, each at its own moment; a signal may also reach one rank alone. The
+    ranks agree on the request, finish the same step, write one complete checkpoint and stop (each rank exits 143,
+    the launcher 1); resuming ends with the weights of an uninterrupted run."""
+    if receiver != "launcher" and not Path("/proc/self/environ").exists():
+        pytest.skip("finding one rank's process reads Linux's /proc")
     over = {"data.train_limit": 16, "train.batch_size": 4, "train.epochs": 3, "train.max_steps": 12,
             "data.test_limit": 1, "eval.max_new_tokens": 1, "eval.retention": "false"}
     args = micro_overrides("cut", tasks=1, **over, **{"checkpoint.every_steps": 1})
     run_dir = tmp_path / "cut"
     code, out, err = sigterm_at_first_mid_task_checkpoint(
         [sys.executable, "-m", "mmcl", "run", *args, "--accelerate-config", str(ddp_file(tmp_path)), "--no-progress"],
-        run_dir, dict(os.environ, OMP_NUM_THREADS="1"), timeout=180, poll=0.05)
+        run_dir, dict(os.environ, OMP_NUM_THREADS="1"), timeout=180, poll=0.05,
+        target=None if receiver == "launcher" else lambda launcher: rank_pid(launcher, 1))
     assert code == 1, err[-3000:]  # the launcher's (torch elastic's SignalException); ranks exit 143
     assert err.count("preempted: task 1/1 color_qa: stopped after step") == 2, err[-3000:]  # both ranks
     stopped = latest(run_dir)

@@ -156,7 +156,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
             label=f"task {index + 1}/{len(stream.tasks)} {task.name}", progress=progress, on_step=on_step,
             resume=mid, checkpoint_every=cfg.checkpoint.every_steps,
             on_checkpoint=on_checkpoint if not no_mid and stopper is None else None,
-            should_stop=lambda: stop.requested,
+            should_stop=lambda: stop.agreed(accelerator),
         )
         mid = None
         accelerator.free_memory()
@@ -188,7 +188,7 @@ def _run(cfg: RunConfig, resume: bool, progress: bool, log, stop: StopRequest) -
             ck.remove_mid_task(ckpt_root, keep=protect)
         last = rows[-1]["scores"]
         say(f"after {task.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in last.items()))
-        if stop.requested and index + 1 < len(stream.tasks):
+        if stop.agreed(accelerator) and index + 1 < len(stream.tasks):
             raise Preempted(f"stopped on request after task {index + 1}; resume with --resume {run_dir}")
 
     cost.wall_time_s += time.perf_counter() - t0

@@ -27,6 +27,16 @@ class StopRequest:
             self.log("SIGTERM: finishing the current step, then writing a checkpoint")
         self.requested = True
 
+    def agreed(self, accelerator) -> bool:
+        """Whether any rank was asked to stop. SIGTERM reaches each rank at its own moment (or one rank alone), so
+        every rank calls this at the same point and all stop there together; one process needs no collective."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        import torch
+
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum") > 0)
+
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
