@@ -82,3 +82,32 @@ def test_single_task_help_and_unknown_task(micro_overrides, tmp_path, capsys):
     assert main(["single-task", *overrides, "--tasks", "ocr", "--out", str(tmp_path / "x")]) == 2
     assert "--tasks: ocr not in the stream; its train tasks are color_qa, shape_cls" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_task_alone_keeps_its_stream_entry_parts_and_learning_rate(micro_world, micro_overrides, tmp_path):
+    """LLaVA stage 1 as a stream entry `{task: DIR, train: [projectors], lr: LR}`: its single-task run trains the
+    projectors alone at LR, so it ends with the very weights of the stream's own first task (same seed and batches);
+    dropping the entry's settings would train the language model too, at train.lr."""
+    import torch
+    from support import FAST, QUIET, latest, tensors_of
+
+    from mmcl.config import load_config
+    from mmcl.engine import loop
+    from mmcl.single_task import run_single_task
+
+    stream = tmp_path / "staged.yaml"
+    stream.write_text(yaml.safe_dump({"name": "staged", "tasks": [
+        {"task": str(micro_world / "tasks" / "color_qa"), "train": ["projectors"], "lr": 0.02},
+        str(micro_world / "tasks" / "shape_cls")]}))
+    over = [o for o in micro_overrides("st", **FAST) if not o.startswith(("name=", "output_dir="))]
+    over.append(f"data.stream={stream}")
+    dirs = run_single_task(None, over, [0], tmp_path / "alone", tasks=["color_qa"], **QUIET)
+    alone = dirs["color_qa"][0]
+    entry = yaml.safe_load((tmp_path / "alone" / "color_qa" / "stream.yaml").read_text())["tasks"][0]
+    assert entry["train"] == ["projectors"] and entry["lr"] == 0.02
+
+    one = tmp_path / "one-task.yaml"
+    one.write_text(yaml.safe_dump({"name": "one", "tasks": [yaml.safe_load(stream.read_text())["tasks"][0]]}))
+    streamed = loop.run(load_config(None, [*over, f"data.stream={one}", "output_dir=" + str(tmp_path / "s")]), **QUIET)
+    a, b = tensors_of(latest(alone))["model"], tensors_of(latest(streamed))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -3,9 +3,11 @@
 A method's final score on a task means little without the score the same model reaches when it learns that task
 and nothing else. Each task runs as a one-task stream through the ordinary engine, with the recipe's training
 settings (epochs, batch size, learning rate, record limits: so the same number of steps as the task gets in the
-stream) and plain fine-tuning (`strategies=[sequential]`), into `<out>/<task>/seed-<s>`. Its score after training
-is the task's ceiling; `mmcl compare --single-task` shows it beside every method and each method's final score as
-a share of it. Complete runs are skipped, so an interrupted reference continues where it stopped.
+stream), the stream entry's own `train`/`lr` where it sets them, and plain fine-tuning (`strategies=[sequential]`),
+into `<out>/<task>/seed-<s>`. Its score after training is the task's ceiling; `mmcl compare --single-task` shows it
+beside every method and each method's final score as a share of it. Complete runs are skipped, so an interrupted
+reference continues where it stopped. A task that builds on an earlier one (LLaVA's stage 2 on stage 1's aligned
+projectors) starts here from the base alone, so its "ceiling" can lie below what the stream reaches.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ def stream_tasks(config_path: str | None, overrides: list[str]) -> list:
     return resolve_stream(cfg.data, progress=False, log=lambda *a: None).tasks
 
 
+def _entry(task) -> str | dict:
+    """The task's stream entry, keeping what the stream set for it (which parts learn, its learning rate), so that
+    LLaVA's stage 1 alone still trains only the projectors at its own rate."""
+    where = str(task.manifest.parent.resolve())
+    extra = {**({"train": list(task.train_parts)} if task.train_parts else {}),
+             **({"lr": task.train_lr} if task.train_lr is not None else {})}
+    return {"task": where, **extra} if extra else where
+
+
 def run_single_task(
     config_path: str | None,
     overrides: list[str],
@@ -64,8 +75,7 @@ def run_single_task(
         task_out = out / task.name
         task_out.mkdir(exist_ok=True)
         stream_file = task_out / "stream.yaml"
-        stream_file.write_text(yaml.safe_dump({"name": f"single-{task.name}",
-                                               "tasks": [str(task.manifest.parent.resolve())]}))
+        stream_file.write_text(yaml.safe_dump({"name": f"single-{task.name}", "tasks": [_entry(task)]}))
         for seed in seeds:
             run_dir = dirs.setdefault(task.name, {})[seed] = task_out / f"seed-{seed}"
             if run_complete(run_dir):
