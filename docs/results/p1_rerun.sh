@@ -13,7 +13,6 @@ OUT=${1:-runs/p1}
 BIN=.venv/bin
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 $BIN/mmcl models prepare small
-O="data.test_limit=200"
 METHODS=(sequential "lora[mode=merge]" ia3 "soft_targets[average=all]" "lora[mode=merge]+soft_targets[average=all]"
          "lora[mode=merge]+soft_targets[average=all]+rehearsal" freeze_last_block rehearsal)
 JOBS=()
@@ -25,9 +24,9 @@ lane() {
     local s=${j%%|*} m=${j#*|}
     mkdir "$OUT/.claims/$(echo "$j" | tr -c 'A-Za-z0-9\n' '_')" 2>/dev/null || continue
     if [ "$m" = SINGLE ]; then
-      $BIN/mmcl single-task configs/p1/base.yaml $O --seeds "$s" --out "$OUT/single_task" --no-progress
+      $BIN/mmcl single-task configs/p1/base.yaml --seeds "$s" --out "$OUT/single_task" --no-progress
     else
-      $BIN/mmcl compare configs/p1/base.yaml $O --seeds "$s" --out "$OUT" --methods "$m" --no-progress
+      $BIN/mmcl compare configs/p1/base.yaml --seeds "$s" --out "$OUT" --methods "$m" --no-progress
     fi
   done
 }
@@ -35,9 +34,11 @@ lane >> "$OUT.lane-a.log" 2>&1 &
 lane >> "$OUT.lane-b.log" 2>&1 &
 wait
 ALL=$(IFS=,; echo "${METHODS[*]}")
-$BIN/mmcl compare configs/p1/base.yaml $O --seeds 0,1,2 --single-task --out "$OUT" --methods "$ALL" --no-progress
+$BIN/mmcl compare configs/p1/base.yaml --seeds 0,1,2 --single-task --out "$OUT" --methods "$ALL" --no-progress
 R=docs/results
-sed -e "s#$OUT/#runs/p1/#g" "$OUT/comparison.md" > $R/p1_comparison.md
+sed -e "s#$OUT/#runs/p1/#g" -e "s#(accuracy_vs_forgetting.png)#(p1_accuracy_vs_forgetting.png)#" "$OUT/comparison.md" \
+  > $R/p1_comparison.md
+cp "$OUT/accuracy_vs_forgetting.png" $R/p1_accuracy_vs_forgetting.png
 sed -e "s#$OUT/#runs/p1/#g" "$OUT/comparison.json" > $R/p1_comparison.json
 $BIN/python $R/p1_language_rows.py "$OUT" > $R/p1_language_rows.md
 echo "P1 files written under $R; now update RESULTS.md's P1 section from them"

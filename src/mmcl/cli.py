@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
              cmd_single_task,
              description=textwrap.fill(
                  "Fine-tune the base model on each train task of the recipe's stream alone (a one-task stream), "
-                 "with the recipe's training settings (so the same steps as the task gets in the stream) and plain "
+                 "with the recipe's training settings (so the same steps as the task gets in the stream), the stream "
+                 "entry's own train parts and lr where it sets them (LLaVA stage 1: projectors at 1e-3) and plain "
                  "fine-tuning (strategies=[sequential], no retention tasks), for every seed, into OUT/TASK/seed-S; "
                  "write OUT/single_task.json (score per task and seed) and print the table. Complete runs are "
                  "skipped. `mmcl compare --single-task-dir OUT` shows these ceilings beside every method.", 100,
