@@ -45,7 +45,8 @@ $BIN/mmcl compare configs/p3/base.yaml model.path="$OUT/base-instruct-s1" --meth
 R=docs/results
 $BIN/python $R/p3_summary.py "$OUT/pretrained" "$OUT/instructed" "$OUT/instructed-s1" > $R/p3_tables.md
 for kind in pretrained instructed instructed-s1; do
-  cp "$OUT/$kind/comparison.md" $R/p3_${kind}_comparison.md
+  sed -e "s#(accuracy_vs_forgetting.png)#(p3_${kind}_accuracy_vs_forgetting.png)#" "$OUT/$kind/comparison.md" \
+    > $R/p3_${kind}_comparison.md
   cp "$OUT/$kind/comparison.json" $R/p3_${kind}_comparison.json
   cp "$OUT/$kind/accuracy_vs_forgetting.png" $R/p3_${kind}_accuracy_vs_forgetting.png
 done
