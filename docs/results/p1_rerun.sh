@@ -39,6 +39,7 @@ R=docs/results
 sed -e "s#$OUT/#runs/p1/#g" -e "s#(accuracy_vs_forgetting.png)#(p1_accuracy_vs_forgetting.png)#" "$OUT/comparison.md" \
   > $R/p1_comparison.md
 cp "$OUT/accuracy_vs_forgetting.png" $R/p1_accuracy_vs_forgetting.png
+cp "$OUT/single_task/single_task.json" $R/p1_single_task.json
 sed -e "s#$OUT/#runs/p1/#g" "$OUT/comparison.json" > $R/p1_comparison.json
 $BIN/python $R/p1_language_rows.py "$OUT" > $R/p1_language_rows.md
 echo "P1 files written under $R; now update RESULTS.md's P1 section from them"
